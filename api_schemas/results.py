@@ -1,0 +1,88 @@
+"""Typed records of what a run produced: per-epoch metrics, evaluation reports, the run summary.
+
+They are written as JSON next to the checkpoints and read back by the workers and the service, so
+that a number always arrives with the attack settings and the provenance that produced it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def nrr(clean: float, robust: float) -> float:
+    """Natural-Robustness Ratio (RAAT paper): the harmonic mean 2*clean*robust/(clean+robust)."""
+    return 0.0 if clean + robust == 0 else 2 * clean * robust / (clean + robust)
+
+
+class AttackResult(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    kind: str
+    accuracy: float = Field(ge=0, le=1, description="accuracy under this attack (robust accuracy)")
+    n_examples: int
+    nrr: float
+    mean: float = Field(description="mean of clean and robust accuracy")
+    seconds: float
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class EvalReport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    clean_accuracy: float
+    n_examples: int
+    attacks: list[AttackResult] = Field(default_factory=list)
+    robust_accuracy: float | None = Field(None, description="the lowest accuracy over all attacks")
+    worst_attack: str | None = None
+    nrr: float | None = None
+    mean: float | None = None
+    checkpoint: str | None = None
+    epoch: int | None = None
+    provenance: dict[str, Any] = Field(default_factory=dict)
+
+    def attack(self, name: str) -> AttackResult:
+        for result in self.attacks:
+            if result.name == name:
+                return result
+        raise KeyError(f"no attack named {name!r} in this report; have {[a.name for a in self.attacks]}")
+
+
+class EpochMetrics(BaseModel):
+    """One line of metrics.jsonl."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epoch: int
+    lr: float
+    loss: float
+    train_adv_accuracy: float | None = None
+    train_clean_accuracy: float | None = None
+    teacher_accuracy: float | None = None
+    test_clean_accuracy: float | None = None
+    images_per_second: float
+    seconds: float
+    val: dict[str, float] | None = None
+    extra: dict[str, float] = Field(default_factory=dict)
+
+
+class TrainSummary(BaseModel):
+    """DIR/summary.json: the final and the best model's evaluation and where the weights are."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    method: str
+    dataset: str
+    epochs: int
+    final: EvalReport
+    best: EvalReport | None = None
+    best_epoch: int | None = None
+    best_metric: float | None = None
+    last_checkpoint: str
+    best_checkpoint: str | None = None
+    seconds: float
+    spec: dict[str, Any]
+    provenance: dict[str, Any] = Field(default_factory=dict)

@@ -1,0 +1,522 @@
+"""ExperimentSpec: the one description of an experiment that runs locally, on Ray and through the API.
+
+Every part refuses unknown fields (a typo must not silently fall back to a default) and impossible
+values, and every error carries the dotted path of the field that caused it.
+"""
+
+from __future__ import annotations
+
+import json
+from itertools import pairwise
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SPEC_VERSION = 1
+
+Norm = Literal["linf", "l2"]
+AttackLoss = Literal["ce", "kl", "cw"]
+RandomStart = Literal["none", "uniform", "normal"]
+Regularizer = Literal["none", "alp", "trades"]
+DatasetName = Literal["cifar10", "cifar100", "tiny_imagenet", "mnist", "digits", "synthetic"]
+# Kept in step with trainer.models' registry (a test checks it); duplicated here because the
+# control plane validates specs without importing torch.
+ModelName = Literal[
+    "resnet18",
+    "preact_resnet18",
+    "wide_resnet",
+    "wrn28_10",
+    "wrn34_10",
+    "wrn34_20",
+    "lbgat_teacher_resnet18",
+    "cat_mnist_cnn",
+    "tiny_cnn",
+]
+AutoAttackName = Literal["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- threat model
+
+
+class ThreatModel(_Strict):
+    """The training attack: the inner maximisation of adversarial training.
+
+    `loss` and `random_start` default to the method's own choice (LBGAT/TRADES: KL from
+    x + 0.001*N(0,1); Madry PGD-AT: CE from a uniform start), so a spec only names them to deviate,
+    e.g. the CE-attack variant of LBGAT (the paper's Eq. 1).
+    """
+
+    norm: Norm = "linf"
+    eps: float = Field(0.031, gt=0)
+    step_size: float = Field(0.007, gt=0)
+    steps: int = Field(10, ge=1, le=1000)
+    loss: AttackLoss | None = None
+    random_start: RandomStart | None = None
+    kappa: float = Field(0.0, ge=0, description="CW margin confidence; only used with loss='cw'")
+
+    @model_validator(mode="after")
+    def _eps_in_box(self) -> ThreatModel:
+        if self.norm == "linf" and self.eps > 1.0:
+            raise ValueError("eps: an l_inf radius above 1 covers the whole [0,1] box; use e.g. 0.031")
+        return self
+
+
+# --------------------------------------------------------------------------- methods
+
+
+class NaturalMethod(_Strict):
+    """Plain cross-entropy on clean inputs; no attack."""
+
+    name: Literal["natural"] = "natural"
+
+
+class PGDATMethod(_Strict):
+    """Madry et al.: cross-entropy on PGD-CE adversarial examples (vanilla AT)."""
+
+    name: Literal["pgd_at"] = "pgd_at"
+
+
+class TradesMethod(_Strict):
+    """TRADES: CE(f(x), y) + alpha * KL(f(x) || f(x_adv)); the official code's `--beta` is alpha."""
+
+    name: Literal["trades"] = "trades"
+    alpha: float = Field(6.0, ge=0)
+
+
+class ALPMethod(_Strict):
+    """Adversarial Logit Pairing: mixed clean/adversarial CE + alpha * MSE(f(x_adv), f(x))."""
+
+    name: Literal["alp"] = "alp"
+    alpha: float = Field(1.0, ge=0)
+
+
+class _GuidedMethod(_Strict):
+    alpha: float = Field(0.0, ge=0, description="weight of the regularizer (official code: --beta)")
+    regularizer: Regularizer = "none"
+    robust_ce: bool = Field(False, description="ablation (Table 6): add CE(M_robust(x_adv), y)")
+
+    @model_validator(mode="after")
+    def _alpha_needs_regularizer(self) -> _GuidedMethod:
+        if self.regularizer == "none" and self.alpha != 0:
+            raise ValueError(
+                "alpha: weights the ALP/TRADES regularizer, set regularizer to 'alp' or 'trades'"
+            )
+        return self
+
+
+class BGATMethod(_GuidedMethod):
+    """Boundary Guided AT: M_robust(x_adv) is pulled to the logits of fixed pre-trained teacher(s).
+
+    With several checkpoints, the teacher is their ensemble (mean of logits), as in the paper's
+    WideResNet + InceptionResNetV2 ensemble.
+    """
+
+    name: Literal["bgat"] = "bgat"
+    teacher_checkpoints: list[str] = Field(min_length=1)
+
+
+class LBGATMethod(_GuidedMethod):
+    """Learnable BGAT (Algorithm 1): teacher and robust model trained together by one optimizer."""
+
+    name: Literal["lbgat"] = "lbgat"
+    beta: float = Field(
+        1.0, ge=0, description="weight of CE on the teacher (paper's beta, 1 in all experiments)"
+    )
+
+
+MethodSpec = Annotated[
+    NaturalMethod | PGDATMethod | TradesMethod | ALPMethod | BGATMethod | LBGATMethod,
+    Field(discriminator="name"),
+]
+TEACHER_METHODS = ("lbgat", "bgat")
+
+
+# --------------------------------------------------------------------------- models, data
+
+
+class ModelRef(_Strict):
+    """A model by registry name plus the few architecture options the registry accepts."""
+
+    name: ModelName
+    depth: int | None = Field(None, ge=10)
+    widen_factor: int | None = Field(None, ge=1)
+    drop_rate: float | None = Field(None, ge=0, lt=1)
+    width: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _options_fit_model(self) -> ModelRef:
+        wrn_only = {"depth": self.depth, "widen_factor": self.widen_factor, "drop_rate": self.drop_rate}
+        if self.name != "wide_resnet":
+            for key, value in wrn_only.items():
+                if value is not None:
+                    raise ValueError(f"{key}: only the 'wide_resnet' model takes {key}")
+        if self.depth is not None and (self.depth - 4) % 6 != 0:
+            raise ValueError("depth: a WideResNet needs depth = 6n + 4 (e.g. 28 or 34)")
+        if self.width is not None and self.name != "tiny_cnn":
+            raise ValueError("width: only the 'tiny_cnn' model takes width")
+        return self
+
+    def kwargs(self) -> dict[str, Any]:
+        """Architecture options to pass to trainer.models.create_model (unset ones left out)."""
+        return self.model_dump(exclude={"name"}, exclude_none=True)
+
+
+class ModelSpec(_Strict):
+    robust: ModelRef
+    teacher: ModelRef | None = Field(
+        None,
+        description="LBGAT's M_natural (trained jointly); for BGAT, the architecture of plain state dicts",
+    )
+
+
+class DatasetSpec(_Strict):
+    name: DatasetName
+    root: str = Field("data", description="folder holding the dataset in its official layout")
+    download: bool = Field(
+        False, description="download where torchvision imports and the internet is reachable"
+    )
+    resize_to: int | None = Field(None, ge=8, description="Tiny-ImageNet: LBGAT resizes to 32")
+    augment: bool = Field(
+        True, description="random crop (zero padding) + horizontal flip on training batches"
+    )
+    crop_padding: int = Field(4, ge=0)
+    flip: bool = True
+    val_size: int = Field(
+        0, ge=0, description="images held out of the training set for best-checkpoint selection"
+    )
+    train_limit: int | None = Field(None, ge=1, description="use only the first n training images")
+    test_limit: int | None = Field(None, ge=1, description="use only the first n test images")
+    synthetic_size: int = Field(1024, ge=16)
+
+    @model_validator(mode="after")
+    def _resize_only_tiny(self) -> DatasetSpec:
+        if self.resize_to is not None and self.name != "tiny_imagenet":
+            raise ValueError("resize_to: only Tiny-ImageNet is resized (CIFAR and MNIST keep their size)")
+        return self
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+class ScheduleSpec(_Strict):
+    """Learning-rate schedule; epochs are 0-based, so milestone 75 means 'from the 76th epoch on'."""
+
+    kind: Literal["piecewise", "cosine", "constant"] = "piecewise"
+    milestones: list[int] = Field(default_factory=lambda: [75, 90])
+    gamma: float = Field(0.1, gt=0, le=1)
+    first_epoch_lr: float | None = Field(
+        None, gt=0, description="official LBGAT code: lr 0.02 during the first epoch, then the schedule"
+    )
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, value: list[int]) -> list[int]:
+        if any(m < 1 for m in value):
+            raise ValueError("milestones must be epochs >= 1")
+        if any(b <= a for a, b in pairwise(value)):
+            raise ValueError("milestones must be strictly increasing")
+        return value
+
+
+class OptimizationSpec(_Strict):
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.1, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(2e-4, ge=0, lt=1)
+    batch_size: int = Field(128, ge=1, le=65536, description="global batch (all workers together)")
+    epochs: int = Field(100, ge=1, le=10000)
+    schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+
+    @model_validator(mode="after")
+    def _milestones_within_training(self) -> OptimizationSpec:
+        if self.schedule.kind == "piecewise" and any(m >= self.epochs for m in self.schedule.milestones):
+            raise ValueError(
+                f"schedule.milestones: every milestone must be below epochs={self.epochs} "
+                f"(got {self.schedule.milestones})"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+class _Attack(_Strict):
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]+$", description="label in reports")
+
+
+class FGSMAttackSpec(_Attack):
+    kind: Literal["fgsm"] = "fgsm"
+    eps: float | None = Field(None, gt=0, description="default: the threat model's eps")
+
+    def label(self) -> str:
+        return self.name or "fgsm"
+
+
+class PGDAttackSpec(_Attack):
+    """PGD-k. The LBGAT/TRADES protocol: eps 0.031, step 0.003, 20 steps, uniform random start."""
+
+    kind: Literal["pgd"] = "pgd"
+    eps: float | None = Field(None, gt=0, description="default: the threat model's eps")
+    norm: Norm | None = Field(None, description="default: the threat model's norm")
+    step_size: float = Field(0.003, gt=0)
+    steps: int = Field(20, ge=1, le=10000)
+    loss: AttackLoss = "ce"
+    kappa: float = Field(0.0, ge=0)
+    random_start: RandomStart = "uniform"
+
+    def label(self) -> str:
+        prefix = {"ce": "pgd", "cw": "cw", "kl": "pgd_kl"}[self.loss]
+        return self.name or f"{prefix}{self.steps}"
+
+
+class AutoAttackSpec(_Attack):
+    """AutoAttack (pyautoattack) on the first `n_examples` test images."""
+
+    kind: Literal["autoattack"] = "autoattack"
+    version: Literal["standard", "plus", "rand", "custom"] = "standard"
+    attacks: list[AutoAttackName] | None = None
+    eps: float | None = Field(None, gt=0)
+    norm: Norm | None = None
+    n_examples: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _custom_needs_list(self) -> AutoAttackSpec:
+        if self.version == "custom" and not self.attacks:
+            raise ValueError("attacks: version 'custom' needs a list of attacks, e.g. ['apgd-ce', 'square']")
+        if self.version != "custom" and self.attacks:
+            raise ValueError("attacks: only version 'custom' takes a list of attacks")
+        return self
+
+    def label(self) -> str:
+        return self.name or ("autoattack" if self.version == "standard" else f"autoattack_{self.version}")
+
+
+class TransferAttackSpec(_Attack):
+    """Black-box transfer: PGD computed on a source checkpoint, applied to the evaluated model."""
+
+    kind: Literal["transfer"] = "transfer"
+    source_checkpoint: str
+    eps: float | None = Field(None, gt=0)
+    norm: Norm | None = None
+    step_size: float = Field(0.003, gt=0)
+    steps: int = Field(20, ge=1)
+    loss: AttackLoss = "ce"
+    random_start: RandomStart = "uniform"
+
+    def label(self) -> str:
+        return self.name or "transfer"
+
+
+AttackSpec = Annotated[
+    FGSMAttackSpec | PGDAttackSpec | AutoAttackSpec | TransferAttackSpec,
+    Field(discriminator="kind"),
+]
+
+
+def lbgat_protocol() -> list[AttackSpec]:
+    """White-box suite of the LBGAT paper, Sec. 4 and Table 3 (AutoAttack added by presets)."""
+    return [
+        FGSMAttackSpec(),
+        PGDAttackSpec(step_size=0.003, steps=20, loss="ce"),
+        PGDAttackSpec(step_size=0.003, steps=20, loss="cw"),
+    ]
+
+
+class EvaluationSpec(_Strict):
+    attacks: list[AttackSpec] = Field(default_factory=lbgat_protocol)
+    n_examples: int | None = Field(None, ge=1, description="evaluate on the first n test images")
+    batch_size: int = Field(256, ge=1)
+    on_best: bool = Field(True, description="also evaluate the best checkpoint when one is selected")
+
+    @model_validator(mode="after")
+    def _unique_labels(self) -> EvaluationSpec:
+        labels = [attack.label() for attack in self.attacks]
+        duplicates = sorted({label for label in labels if labels.count(label) > 1})
+        if duplicates:
+            raise ValueError(f"attacks: labels must be unique, set `name` to tell apart {duplicates}")
+        return self
+
+
+class SelectionSpec(_Strict):
+    """Best-checkpoint selection on a held-out split of the training set (dataset.val_size)."""
+
+    metric: Literal["pgd_acc", "clean_acc", "nrr"] | None = None
+    attack: PGDAttackSpec = Field(
+        default_factory=lambda: PGDAttackSpec(name="val_pgd10", step_size=0.007, steps=10)
+    )
+    every_n_epochs: int = Field(1, ge=1)
+
+
+class CheckpointSpec(_Strict):
+    every_n_epochs: int = Field(1, ge=1)
+    keep_last: int | None = Field(2, ge=1, description="periodic checkpoints kept; None keeps all")
+
+
+class RuntimeSpec(_Strict):
+    """Where and how fast; None means 'on when the device is a GPU'."""
+
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: bool | None = None
+    channels_last: bool | None = None
+    compile: bool = False
+    deterministic: bool = False
+    progress: bool = True
+
+
+class OutputSpec(_Strict):
+    dir: str | None = Field(None, description="default: runs/<name>")
+
+
+# --------------------------------------------------------------------------- experiment
+
+
+class ExperimentSpec(_Strict):
+    version: Literal[1] = SPEC_VERSION
+    name: str = Field("experiment", pattern=r"^[A-Za-z0-9_.\-]+$", max_length=128)
+    description: str = ""
+    method: MethodSpec
+    model: ModelSpec
+    dataset: DatasetSpec
+    threat_model: ThreatModel = Field(default_factory=ThreatModel)
+    optimization: OptimizationSpec = Field(default_factory=OptimizationSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    selection: SelectionSpec = Field(default_factory=SelectionSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    seed: int = Field(0, ge=0)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExperimentSpec:
+        name = self.method.name
+        if name == "lbgat" and self.model.teacher is None:
+            raise ValueError(
+                "model.teacher: lbgat trains a teacher (M_natural) jointly; name its architecture"
+            )
+        if name not in TEACHER_METHODS and self.model.teacher is not None:
+            raise ValueError(f"model.teacher: method '{name}' uses no teacher; remove model.teacher")
+        if self.selection.metric is not None and self.dataset.val_size == 0:
+            raise ValueError(
+                "selection.metric: best-checkpoint selection needs a held-out split (dataset.val_size > 0)"
+            )
+        return self
+
+    def output_dir(self) -> Path:
+        return Path(self.output.dir or f"runs/{self.name}")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; `errors` holds {'loc': 'a.b', 'msg': ...} per problem."""
+
+    def __init__(self, errors: list[dict[str, str]], source: str = "spec") -> None:
+        self.errors = errors
+        self.source = source
+        lines = [f"  {e['loc'] or '<root>'}: {e['msg']}" for e in errors]
+        super().__init__(f"invalid {source}:\n" + "\n".join(lines))
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    # pydantic puts the union tag (e.g. 'lbgat') in the path of discriminated unions; drop it so
+    # the path reads like the YAML the user wrote.
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts.append(f"[{item}]")
+        elif item in {
+            "natural",
+            "pgd_at",
+            "trades",
+            "alp",
+            "bgat",
+            "lbgat",
+            "fgsm",
+            "pgd",
+            "autoattack",
+            "transfer",
+        }:
+            continue
+        else:
+            parts.append(("." if parts else "") + str(item))
+    return "".join(parts)
+
+
+def validation_errors(exc: ValidationError) -> list[dict[str, str]]:
+    errors = []
+    for err in exc.errors():
+        loc = _format_loc(err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        # model-level validators name their own field first ("alpha: ..."): fold it into the path
+        if ": " in msg and err["type"] == "value_error":
+            field, _, rest = msg.partition(": ")
+            if field.replace(".", "").replace("_", "").isalnum():
+                loc = f"{loc}.{field}" if loc else field
+                msg = rest
+        errors.append({"loc": loc, "msg": msg})
+    return errors
+
+
+def parse_spec(data: dict[str, Any], *, source: str = "spec") -> ExperimentSpec:
+    """Validate a plain dict into an ExperimentSpec, raising SpecError with field paths."""
+    if not isinstance(data, dict):
+        raise SpecError(
+            [{"loc": "", "msg": f"expected a mapping at the top level, got {type(data).__name__}"}], source
+        )
+    try:
+        return ExperimentSpec.model_validate(data)
+    except ValidationError as exc:
+        raise SpecError(validation_errors(exc), source) from None
+
+
+def read_spec_file(path: str | Path) -> dict[str, Any]:
+    """Read YAML or JSON (chosen by suffix; YAML also parses JSON) into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError([{"loc": "", "msg": f"no such spec file: {path}"}], str(path))
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise SpecError(
+            [{"loc": "", "msg": f"not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}"}], str(path)
+        ) from None
+    return data if data is not None else {}
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> ExperimentSpec:
+    data = read_spec_file(path)
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return parse_spec(data, source=str(path))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.path=value` overrides (value parsed as YAML) to a copy of a spec dict."""
+    result = json.loads(json.dumps(data))
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SpecError(
+                [{"loc": key, "msg": f"override '{item}' must look like key.path=value"}], "--set"
+            )
+        value = yaml.safe_load(raw) if raw else None
+        node = result
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise SpecError([{"loc": key, "msg": f"'{part}' is not a section"}], "--set")
+            node = child
+        node[parts[-1]] = value
+    return result

@@ -1,0 +1,1 @@
+"""Control plane (FastAPI service, queue, scheduler, CLI). Never imports torch."""

@@ -1,0 +1,1 @@
+"""Pure-PyTorch library that trains and evaluates LBGAT-family adversarially robust classifiers."""

@@ -1,0 +1,471 @@
+"""The one training loop for every method: data, models, attack, loss, optimizer, checkpoints, metrics.
+
+`TrainingRun` owns the state of one run and exposes it in pieces (`train_epoch`, `validate`,
+`checkpoint_payload`, `load_payload`) so that the Ray workers can drive the same loop epoch by
+epoch; `fit` is the single-process driver used by `lbgat train`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from api_schemas import EpochMetrics, EvalReport, ExperimentSpec, TrainSummary
+from api_schemas.results import nrr
+from trainer import checkpoint as ckpt
+from trainer.data import ArrayDataset, DeviceLoader, load_dataset
+from trainer.evaluation import accuracy, evaluate, robust_accuracy
+from trainer.methods import Method, build_method
+from trainer.models import create_model
+from trainer.provenance import provenance
+from trainer.schedules import learning_rate
+
+log = logging.getLogger("trainer")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    bf16: bool
+    channels_last: bool
+    compile: bool
+
+    @classmethod
+    def resolve(cls, spec: ExperimentSpec, device: str | torch.device | None = None) -> Runtime:
+        rt = spec.runtime
+        wanted = device or rt.device
+        if wanted == "auto":
+            wanted = "cuda" if torch.cuda.is_available() else "cpu"
+        dev = torch.device(wanted)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(
+                "runtime.device: 'cuda' was asked for but no GPU is visible; use 'auto' or 'cpu'"
+            )
+        on_gpu = dev.type == "cuda"
+        return cls(
+            device=dev,
+            bf16=on_gpu if rt.bf16 is None else rt.bf16,
+            channels_last=on_gpu if rt.channels_last is None else rt.channels_last,
+            compile=rt.compile,
+        )
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+
+@dataclass
+class Datasets:
+    train: ArrayDataset
+    val: ArrayDataset | None
+    test: ArrayDataset
+
+
+def load_datasets(spec: ExperimentSpec) -> Datasets:
+    """Training, held-out validation and test sets as the spec describes them (CPU tensors)."""
+    ds = spec.dataset
+    common = {"root": ds.root, "download": ds.download, "resize_to": ds.resize_to, "seed": spec.seed}
+    train = load_dataset(ds.name, train=True, n_synthetic=ds.synthetic_size, **common)
+    test = load_dataset(ds.name, train=False, n_synthetic=max(ds.synthetic_size // 4, 16), **common)
+    if ds.train_limit is not None:
+        train = train.subset(torch.arange(min(ds.train_limit, len(train))))
+    if ds.test_limit is not None:
+        test = test.subset(torch.arange(min(ds.test_limit, len(test))))
+    val = None
+    if ds.val_size:
+        if ds.val_size >= len(train):
+            raise ValueError(f"dataset.val_size: {ds.val_size} leaves no training images out of {len(train)}")
+        train, val = train.split(ds.val_size, seed=spec.seed)
+    return Datasets(train=train, val=val, test=test)
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = True
+
+
+def _set_mode(module: nn.Module | None, mode: str) -> None:
+    if module is not None:
+        module.train(mode == "train")
+
+
+class TrainingRun:
+    """State of one training run: models, optimizer, data, epoch counter, history and best model."""
+
+    def __init__(
+        self,
+        spec: ExperimentSpec,
+        *,
+        out_dir: str | Path | None = None,
+        device: str | torch.device | None = None,
+        datasets: Datasets | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.spec = spec
+        self.out_dir = Path(out_dir) if out_dir is not None else spec.output_dir()
+        self.rt = Runtime.resolve(spec, device)
+        self.rank, self.world_size = rank, world_size
+        seed_everything(spec.seed, spec.runtime.deterministic)
+
+        self.data = datasets or load_datasets(spec)
+        train = self.data.train
+        self.num_classes = train.num_classes
+        self.in_channels = train.images.shape[1]
+        ds = spec.dataset
+        if spec.optimization.batch_size % world_size:
+            raise ValueError(
+                f"optimization.batch_size: the global batch {spec.optimization.batch_size} must divide "
+                f"evenly among {world_size} workers"
+            )
+        self.loader = DeviceLoader(
+            train,
+            batch_size=spec.optimization.batch_size // world_size,
+            device=self.rt.device,
+            shuffle=True,
+            augment=ds.augment,
+            crop_padding=ds.crop_padding,
+            flip=ds.flip,
+            seed=spec.seed,
+            rank=rank,
+            world_size=world_size,
+            channels_last=self.rt.channels_last,
+        )
+
+        self.method: Method = build_method(spec.method, spec.threat_model)
+        memory_format = torch.channels_last if self.rt.channels_last else torch.contiguous_format
+        ref = spec.model.robust
+        self.robust = create_model(
+            ref.name, num_classes=self.num_classes, in_channels=self.in_channels, **ref.kwargs()
+        )
+        self.robust = self.robust.to(self.rt.device, memory_format=memory_format)
+        teacher = self.method.build_teacher(spec, self.num_classes, self.in_channels)
+        self.teacher = None if teacher is None else teacher.to(self.rt.device, memory_format=memory_format)
+        self.optimizer = self._make_optimizer()
+        # what the step runs: compiled versions where asked; the plain modules own the weights
+        self.robust_fn: nn.Module = torch.compile(self.robust) if self.rt.compile else self.robust
+        self.teacher_fn: nn.Module | None = self.teacher
+        if self.rt.compile and self.teacher is not None:
+            self.teacher_fn = torch.compile(self.teacher)
+
+        self.epoch = 0  # completed epochs
+        self.history: list[dict[str, Any]] = []
+        self.best_metric: float | None = None
+        self.best_epoch: int | None = None
+
+    # ------------------------------------------------------------------ construction
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        opt = self.spec.optimization
+        # One optimizer over both models, as Algorithm 1 and the official script (two param groups).
+        groups = [{"params": list(self.robust.parameters())}]
+        if self.teacher is not None and self.method.trains_teacher:
+            groups.append({"params": list(self.teacher.parameters())})
+        if opt.optimizer == "sgd":
+            return torch.optim.SGD(
+                groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, nesterov=opt.nesterov
+            )
+        return torch.optim.Adam(groups, lr=opt.lr, weight_decay=opt.weight_decay)
+
+    # ------------------------------------------------------------------ training
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One optimisation step; returns the (detached) loss and per-batch correct counts."""
+        method = self.method
+        with self.rt.autocast():
+            x_adv = None
+            if method.attack_loss is not None:
+                _set_mode(self.robust, method.robust_mode_during_attack)
+                _set_mode(self.teacher, method.teacher_mode_during_attack)
+                x_adv = method.generate(self.robust_fn, x, y)
+            self.robust.train()
+            _set_mode(self.teacher, "train" if method.trains_teacher else "eval")
+            out = method.compute_loss(self.robust_fn, self.teacher_fn, x, x_adv, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.optimizer.step()
+        counts = {}
+        with torch.no_grad():
+            for key, logits in (
+                ("adv", out.logits_adv),
+                ("clean", out.logits_nat),
+                ("teacher", out.logits_teacher),
+            ):
+                if logits is not None:
+                    counts[key] = (logits.argmax(1) == y).sum()
+        return out.loss.detach(), counts
+
+    def train_epoch(self, *, progress: bool = False) -> EpochMetrics:
+        """Train one epoch (the next one) and return its metrics; does not checkpoint."""
+        epoch = self.epoch
+        self.loader.set_epoch(epoch)
+        steps = len(self.loader)
+        loss_sum = torch.zeros((), device=self.rt.device)
+        correct: dict[str, torch.Tensor] = {}
+        seen = 0
+        start = time.perf_counter()
+        bar = _progress(
+            steps, f"epoch {epoch + 1}/{self.spec.optimization.epochs}", progress and self.rank == 0
+        )
+        for step, (x, y) in enumerate(self.loader):
+            lr = learning_rate(self.spec.optimization, epoch, step, steps)
+            self._set_lr(lr)
+            loss, counts = self.train_step(x, y)
+            loss_sum += loss.float() * y.shape[0]
+            for key, value in counts.items():
+                correct[key] = correct.get(key, 0) + value
+            seen += y.shape[0]
+            if bar is not None:
+                bar.update(1)
+                if step % 10 == 0 or step == steps - 1:
+                    elapsed = time.perf_counter() - start
+                    bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / elapsed:.0f}", lr=f"{lr:.4f}")
+        if self.rt.device.type == "cuda":
+            torch.cuda.synchronize(self.rt.device)
+        seconds = time.perf_counter() - start
+        if bar is not None:
+            bar.close()
+        self.epoch += 1
+        acc = {key: value.item() / max(seen, 1) for key, value in correct.items()}
+        return EpochMetrics(
+            epoch=self.epoch,
+            lr=learning_rate(self.spec.optimization, epoch, 0, steps),
+            loss=loss_sum.item() / max(seen, 1),
+            train_adv_accuracy=acc.get("adv"),
+            train_clean_accuracy=acc.get("clean"),
+            teacher_accuracy=acc.get("teacher"),
+            images_per_second=seen / max(seconds, 1e-9),
+            seconds=seconds,
+        )
+
+    def test_clean_accuracy(self) -> float:
+        return accuracy(
+            self.robust, self.data.test, batch_size=self.spec.evaluation.batch_size, device=self.rt.device
+        )
+
+    def validate(self) -> dict[str, float]:
+        """Clean and PGD accuracy on the held-out split, the numbers best-checkpoint selection uses."""
+        assert self.data.val is not None
+        sel = self.spec.selection
+        clean = accuracy(
+            self.robust, self.data.val, batch_size=self.spec.evaluation.batch_size, device=self.rt.device
+        )
+        pgd_acc = robust_accuracy(
+            self.robust,
+            self.data.val,
+            sel.attack,
+            self.spec.threat_model,
+            batch_size=self.spec.evaluation.batch_size,
+            device=self.rt.device,
+        )
+        return {"clean_acc": clean, "pgd_acc": pgd_acc, "nrr": nrr(clean, pgd_acc)}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint_payload(self) -> dict[str, Any]:
+        return {
+            "spec": self.spec.model_dump(mode="json"),
+            "epoch": self.epoch,
+            "num_classes": self.num_classes,
+            "in_channels": self.in_channels,
+            "robust": self.robust.state_dict(),
+            "teacher": None if self.teacher is None else self.teacher.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": ckpt.rng_state(),
+            "history": self.history,
+            "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
+            "provenance": provenance(self.rt.device),
+        }
+
+    def load_payload(self, payload: dict[str, Any]) -> None:
+        """Restore a checkpoint written by `checkpoint_payload` so training continues exactly."""
+        saved = payload["spec"]
+        if saved.get("method") != self.spec.method.model_dump(mode="json"):
+            raise ckpt.CheckpointError(
+                "the checkpoint was trained with a different method spec; refusing to resume"
+            )
+        self.robust.load_state_dict(payload["robust"])
+        if self.teacher is not None and payload.get("teacher") is not None and self.method.trains_teacher:
+            self.teacher.load_state_dict(payload["teacher"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.epoch = payload["epoch"]
+        self.history = list(payload.get("history", []))
+        self.best_metric = payload.get("best_metric")
+        self.best_epoch = payload.get("best_epoch")
+        ckpt.set_rng_state(payload["rng"])
+
+    def save(self, path: Path) -> Path:
+        return ckpt.save_checkpoint(path, self.checkpoint_payload())
+
+    # ------------------------------------------------------------------ driver
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    def latest_checkpoint(self) -> Path | None:
+        candidates = sorted(self.checkpoint_dir.glob("epoch_*.pt"))
+        last = self.checkpoint_dir / "last.pt"
+        if last.exists():
+            candidates.append(last)
+        if not candidates:
+            return None
+        return max(candidates, key=lambda p: ckpt.read_checkpoint(p)["epoch"])
+
+    def _prune(self) -> None:
+        keep = self.spec.checkpoint.keep_last
+        if keep is None:
+            return
+        for old in sorted(self.checkpoint_dir.glob("epoch_*.pt"))[:-keep]:
+            old.unlink()
+
+    def fit(
+        self,
+        *,
+        resume: str | Path | None = None,
+        on_epoch_end: Iterable[Callable[[EpochMetrics, TrainingRun], None]] = (),
+        evaluate_at_end: bool = True,
+    ) -> TrainSummary:
+        """Train to spec.optimization.epochs, checkpointing and logging; evaluate; write summary.json."""
+        spec = self.spec
+        start = time.perf_counter()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "spec.json").write_text(spec.model_dump_json(indent=2))
+        if resume is not None:
+            path = self.latest_checkpoint() if str(resume) == "auto" else Path(resume)
+            if path is not None:
+                self.load_payload(ckpt.read_checkpoint(path, map_location=self.rt.device))
+                log.info("resumed from %s at epoch %d", path, self.epoch)
+        metrics_path = self.out_dir / "metrics.jsonl"
+        if self.epoch == 0:
+            metrics_path.write_text("")
+        else:  # keep the lines of the epochs the checkpoint covers, drop those of lost epochs
+            metrics_path.write_text("".join(json.dumps(h) + "\n" for h in self.history))
+        log.info(
+            "training %s (%s) on %s for %d epochs",
+            spec.name,
+            spec.method.name,
+            self.rt.device,
+            spec.optimization.epochs,
+        )
+
+        while self.epoch < spec.optimization.epochs:
+            metrics = self.train_epoch(progress=spec.runtime.progress)
+            metrics.test_clean_accuracy = self.test_clean_accuracy()
+            if self.data.val is not None and (
+                self.epoch % spec.selection.every_n_epochs == 0 or self.epoch == spec.optimization.epochs
+            ):
+                metrics.val = self.validate()
+                if spec.selection.metric is not None:
+                    value = metrics.val[spec.selection.metric]
+                    if self.best_metric is None or value > self.best_metric:
+                        self.best_metric, self.best_epoch = value, self.epoch
+                        self.save(self.checkpoint_dir / "best.pt")
+            self.history.append(metrics.model_dump(mode="json"))
+            with metrics_path.open("a") as f:
+                f.write(metrics.model_dump_json() + "\n")
+            log.info("epoch %d: %s", self.epoch, _brief(metrics))
+            if self.epoch % spec.checkpoint.every_n_epochs == 0 and self.epoch < spec.optimization.epochs:
+                self.save(self.checkpoint_dir / f"epoch_{self.epoch:04d}.pt")
+                self._prune()
+            for callback in on_epoch_end:
+                callback(metrics, self)
+        last = self.save(self.checkpoint_dir / "last.pt")
+
+        final = EvalReport(clean_accuracy=self.test_clean_accuracy(), n_examples=len(self.data.test))
+        best_report = None
+        if evaluate_at_end:
+            final = self.evaluate_checkpoint(self.robust, checkpoint=str(last), epoch=self.epoch)
+            best_path = self.checkpoint_dir / "best.pt"
+            if spec.evaluation.on_best and self.best_epoch is not None and best_path.exists():
+                best_model = ckpt.load_model(best_path, device=self.rt.device)
+                best_report = self.evaluate_checkpoint(
+                    best_model, checkpoint=str(best_path), epoch=self.best_epoch
+                )
+        summary = TrainSummary(
+            name=spec.name,
+            method=spec.method.name,
+            dataset=spec.dataset.name,
+            epochs=self.epoch,
+            final=final,
+            best=best_report,
+            best_epoch=self.best_epoch,
+            best_metric=self.best_metric,
+            last_checkpoint=str(last),
+            best_checkpoint=str(self.checkpoint_dir / "best.pt") if self.best_epoch is not None else None,
+            seconds=time.perf_counter() - start,
+            spec=spec.model_dump(mode="json"),
+            provenance=provenance(self.rt.device),
+        )
+        (self.out_dir / "summary.json").write_text(summary.model_dump_json(indent=2))
+        return summary
+
+    def evaluate_checkpoint(self, model: nn.Module, *, checkpoint: str, epoch: int) -> EvalReport:
+        report = evaluate(
+            model,
+            self.data.test,
+            self.spec.evaluation,
+            self.spec.threat_model,
+            device=self.rt.device,
+            progress=self.spec.runtime.progress,
+        )
+        return report.model_copy(update={"checkpoint": checkpoint, "epoch": epoch})
+
+
+def _brief(m: EpochMetrics) -> str:
+    parts = [f"loss {m.loss:.4f}", f"lr {m.lr:.4g}", f"{m.images_per_second:.0f} img/s"]
+    for label, value in (
+        ("train adv", m.train_adv_accuracy),
+        ("train clean", m.train_clean_accuracy),
+        ("teacher", m.teacher_accuracy),
+        ("test clean", m.test_clean_accuracy),
+    ):
+        if value is not None:
+            parts.append(f"{label} {value:.3f}")
+    if m.val:
+        parts.append("val " + " ".join(f"{k} {v:.3f}" for k, v in m.val.items()))
+    return ", ".join(parts)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def train(
+    spec: ExperimentSpec,
+    *,
+    out_dir: str | Path | None = None,
+    resume: str | Path | None = None,
+    device: str | None = None,
+) -> TrainSummary:
+    """Train and evaluate one spec in this process (what `lbgat train` does)."""
+    return TrainingRun(spec, out_dir=out_dir, device=device).fit(resume=resume)

@@ -1,0 +1,117 @@
+"""What a method is: its attack objective, the model modes during the attack, and a loss from logits.
+
+The shared loop (trainer.loop) sets train/eval modes, runs the attack through `generate`, calls
+`compute_loss` and steps the optimizer; a method never does any of those itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from torch import Tensor, nn
+
+from api_schemas import ThreatModel
+from trainer import attacks
+
+Mode = Literal["train", "eval"]
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    norm: str
+    eps: float
+    step_size: float
+    steps: int
+    loss: str
+    random_start: str
+    kappa: float = 0.0
+
+    def run(self, model: nn.Module, x: Tensor, y: Tensor, *, logits_clean: Tensor | None = None) -> Tensor:
+        return attacks.pgd(
+            model,
+            x,
+            y,
+            eps=self.eps,
+            step_size=self.step_size,
+            steps=self.steps,
+            norm=self.norm,  # type: ignore[arg-type]
+            loss=self.loss,  # type: ignore[arg-type]
+            random_start=self.random_start,  # type: ignore[arg-type]
+            kappa=self.kappa,
+            logits_clean=logits_clean,
+        )
+
+
+@dataclass
+class StepOutput:
+    """The loss to minimise plus the logits the loop turns into training metrics."""
+
+    loss: Tensor
+    logits_adv: Tensor | None = None
+    logits_nat: Tensor | None = None
+    logits_teacher: Tensor | None = None
+    parts: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Method:
+    """Base class. Subclasses set the class attributes and implement `compute_loss`."""
+
+    name: ClassVar[str]
+    #: inner-maximisation objective ('ce', 'kl', 'cw') and start, or None for no attack
+    attack_loss: ClassVar[str | None] = "ce"
+    attack_random_start: ClassVar[str] = "uniform"
+    #: modes while the attack runs (the teacher is never part of the attack; its mode still matters
+    #: for BatchNorm-free equivalence with the official code, which leaves it in training mode)
+    robust_mode_during_attack: ClassVar[Mode] = "eval"
+    teacher_mode_during_attack: ClassVar[Mode] = "train"
+    #: teacher weights updated by the shared optimizer (LBGAT) or frozen (BGAT)
+    trains_teacher: ClassVar[bool] = False
+    uses_teacher: ClassVar[bool] = False
+
+    def __init__(self, spec: Any, threat: ThreatModel) -> None:
+        self.spec = spec
+        self.threat = threat
+
+    def attack_config(self) -> AttackConfig | None:
+        if self.attack_loss is None:
+            return None
+        return AttackConfig(
+            norm=self.threat.norm,
+            eps=self.threat.eps,
+            step_size=self.threat.step_size,
+            steps=self.threat.steps,
+            loss=self.threat.loss or self.attack_loss,
+            random_start=self.threat.random_start or self.attack_random_start,
+            kappa=self.threat.kappa,
+        )
+
+    def build_teacher(self, experiment: Any, num_classes: int, in_channels: int) -> nn.Module | None:
+        """The teacher network for this run, or None for methods without one."""
+        return None
+
+    def generate(self, robust: nn.Module, x: Tensor, y: Tensor) -> Tensor | None:
+        config = self.attack_config()
+        return None if config is None else config.run(robust, x, y)
+
+    def compute_loss(
+        self, robust: nn.Module, teacher: nn.Module | None, x: Tensor, x_adv: Tensor | None, y: Tensor
+    ) -> StepOutput:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        config = self.attack_config()
+        return {
+            "method": self.name,
+            "attack": None if config is None else config.__dict__,
+            "robust_mode_during_attack": self.robust_mode_during_attack,
+            "teacher_mode_during_attack": self.teacher_mode_during_attack if self.uses_teacher else None,
+        }
+
+
+def teacher_from_spec(spec: Any, num_classes: int, in_channels: int) -> nn.Module:
+    """A fresh teacher of the architecture in `spec.model.teacher` (LBGAT's M_natural)."""
+    from trainer.models import create_model
+
+    ref = spec.model.teacher
+    return create_model(ref.name, num_classes=num_classes, in_channels=in_channels, **ref.kwargs())

@@ -1,0 +1,24 @@
+"""Model registry (timm-style) and the CIFAR/MNIST architectures of LBGAT, TRADES and CAT.
+
+>>> from trainer.models import create_model, list_models
+>>> model = create_model("wrn34_10", num_classes=100)
+>>> list_models("wrn*")
+['wrn28_10', 'wrn34_10', 'wrn34_20']
+
+All models take NCHW inputs in [0, 1] (no internal normalisation) and pool adaptively before the
+classifier.  Importing this package registers every architecture below.
+"""
+
+from . import preact_resnet, resnet, small_cnn, wide_resnet
+from ._registry import count_flops, create_model, list_models, register_model
+
+__all__ = [
+    "count_flops",
+    "create_model",
+    "list_models",
+    "preact_resnet",
+    "register_model",
+    "resnet",
+    "small_cnn",
+    "wide_resnet",
+]

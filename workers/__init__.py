@@ -1,0 +1,1 @@
+"""Ray Train / Tune glue that runs ExperimentSpecs on a cluster."""
