@@ -137,6 +137,7 @@ def _digits_spec() -> dict[str, Any]:
         },
         "selection": {"metric": "pgd_acc", "attack": {"name": "val_pgd10", "steps": 10, "step_size": 0.025}},
         "checkpoint": {"every_n_epochs": 10, "keep_last": 1},
+        "runtime": {"cpu_threads": 1},
         "output": {"dir": "runs/digits"},
     }
 

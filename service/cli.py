@@ -28,7 +28,7 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
     table = Table(title="lbgat presets")
     for column in ("name", "method", "dataset", "source"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=column == "name")  # names must stay copy-pastable
     for p in presets:
         method = p.data["method"]
         label = method["name"] + (
@@ -37,6 +37,13 @@ def _cmd_presets(args: argparse.Namespace) -> int:
         table.add_row(p.name, label, p.data["dataset"]["name"], p.source)
     Console().print(table)
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 def _trainer_cli():
@@ -90,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="evaluation suite: 'spec' (the checkpoint's own, default), 'lbgat' (the paper's "
         "FGSM/PGD-20/CW-20/AutoAttack), or a YAML/JSON file holding an `evaluation` section",
     )
-    ev.add_argument("--n-examples", type=int, help="evaluate on the first N test images")
+    ev.add_argument("--n-examples", type=_positive_int, help="evaluate on the first N test images")
     ev.add_argument("--which", choices=["robust", "teacher"], default="robust")
     ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ev.add_argument("--out", help="write the report JSON here as well")

@@ -24,6 +24,8 @@ def _resolve_spec(args: argparse.Namespace):
             "command line",
         )
     overrides = list(args.overrides)
+    if args.out:  # recorded in spec.json / summary.json, so the run says where it lives
+        overrides.append(f"output.dir={json.dumps(str(args.out))}")
     if args.device:
         overrides.append(f"runtime.device={args.device}")
     if args.preset:
@@ -71,7 +73,7 @@ def train_command(args: argparse.Namespace) -> int:
     _setup_logging()
     from trainer.loop import train
 
-    out = Path(args.out) if args.out else spec.output_dir()
+    out = spec.output_dir()
     summary = train(spec, out_dir=out, resume=args.resume)
     if args.json:
         print(summary.model_dump_json(indent=2))
@@ -92,6 +94,8 @@ def _suite(args: argparse.Namespace, own: EvaluationSpec) -> EvaluationSpec:
         suite = PRESETS["lbgat-cifar10"].spec().evaluation
     else:
         data = read_spec_file(args.suite)
+        if not isinstance(data, dict):
+            raise SpecError([{"loc": "", "msg": "a suite file holds a mapping (an `evaluation` section)"}], args.suite)
         data = data.get("evaluation", data)
         try:
             suite = EvaluationSpec.model_validate(data)
@@ -102,7 +106,7 @@ def _suite(args: argparse.Namespace, own: EvaluationSpec) -> EvaluationSpec:
                 raise SpecError(validation_errors(exc), args.suite) from None
             raise
     if args.n_examples:
-        suite = suite.model_copy(update={"n_examples": args.n_examples})
+        suite = EvaluationSpec.model_validate({**suite.model_dump(), "n_examples": args.n_examples})
     return suite
 
 

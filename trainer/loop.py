@@ -51,6 +51,8 @@ class Runtime:
                 "runtime.device: 'cuda' was asked for but no GPU is visible; use 'auto' or 'cpu'"
             )
         on_gpu = dev.type == "cuda"
+        if not on_gpu and rt.cpu_threads is not None:
+            torch.set_num_threads(rt.cpu_threads)
         return cls(
             device=dev,
             bf16=on_gpu if rt.bf16 is None else rt.bf16,
