@@ -76,7 +76,9 @@ class Datasets:
 def load_datasets(spec: ExperimentSpec) -> Datasets:
     """Training, held-out validation and test sets as the spec describes them (CPU tensors)."""
     ds = spec.dataset
-    common = {"root": ds.root, "download": ds.download, "resize_to": ds.resize_to, "seed": spec.seed}
+    # Splits made in code (digits train/test, the held-out validation images) are fixed, not drawn
+    # from spec.seed: runs with different seeds must be scored on the same test images.
+    common = {"root": ds.root, "download": ds.download, "resize_to": ds.resize_to, "seed": 0}
     train = load_dataset(ds.name, train=True, n_synthetic=ds.synthetic_size, **common)
     test = load_dataset(ds.name, train=False, n_synthetic=max(ds.synthetic_size // 4, 16), **common)
     if ds.train_limit is not None:
@@ -87,7 +89,7 @@ def load_datasets(spec: ExperimentSpec) -> Datasets:
     if ds.val_size:
         if ds.val_size >= len(train):
             raise ValueError(f"dataset.val_size: {ds.val_size} leaves no training images out of {len(train)}")
-        train, val = train.split(ds.val_size, seed=spec.seed)
+        train, val = train.split(ds.val_size, seed=0)
     return Datasets(train=train, val=val, test=test)
 
 
