@@ -369,7 +369,9 @@ class RuntimeSpec(_Strict):
     deterministic: bool = False
     progress: bool = True
     cpu_threads: int | None = Field(
-        None, ge=1, description="torch intra-op threads on CPU; small models run fastest on 1 (None: torch's default)"
+        None,
+        ge=1,
+        description="torch intra-op threads on CPU; small models run fastest on 1 (None: torch's default)",
     )
 
 
@@ -505,7 +507,9 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> Experimen
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `key.path=value` overrides (value parsed as YAML) to a copy of a spec dict."""
     if not isinstance(data, dict):
-        raise SpecError([{"loc": "", "msg": f"expected a mapping at the top level, got {type(data).__name__}"}])
+        raise SpecError(
+            [{"loc": "", "msg": f"expected a mapping at the top level, got {type(data).__name__}"}]
+        )
     result = json.loads(json.dumps(data))
     for item in overrides:
         key, sep, raw = item.partition("=")

@@ -95,7 +95,9 @@ def _suite(args: argparse.Namespace, own: EvaluationSpec) -> EvaluationSpec:
     else:
         data = read_spec_file(args.suite)
         if not isinstance(data, dict):
-            raise SpecError([{"loc": "", "msg": "a suite file holds a mapping (an `evaluation` section)"}], args.suite)
+            raise SpecError(
+                [{"loc": "", "msg": "a suite file holds a mapping (an `evaluation` section)"}], args.suite
+            )
         data = data.get("evaluation", data)
         try:
             suite = EvaluationSpec.model_validate(data)
