@@ -247,7 +247,13 @@ class TrainingRun:
                 bar.update(1)
                 if step % 10 == 0 or step == steps - 1:
                     elapsed = time.perf_counter() - start
-                    bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / elapsed:.0f}", lr=f"{lr:.4f}")
+                    shown = "adv" if "adv" in correct else "clean"
+                    acc = correct[shown].item() / seen if shown in correct else float("nan")
+                    bar.set_postfix(
+                        loss=f"{loss.item():.3f}",
+                        **{f"{shown}_acc": f"{acc:.3f}"},
+                        img_s=f"{seen / elapsed:.0f}",
+                    )
         if self.rt.device.type == "cuda":
             torch.cuda.synchronize(self.rt.device)
         seconds = time.perf_counter() - start

@@ -13,7 +13,7 @@ from torch import nn
 from trainer import losses
 from trainer.checkpoint import load_model
 from trainer.methods import register_method
-from trainer.methods.base import Method, StepOutput
+from trainer.methods.lbgat import LBGAT
 
 
 class LogitEnsemble(nn.Module):
@@ -29,11 +29,10 @@ class LogitEnsemble(nn.Module):
 
 
 @register_method
-class BGAT(Method):
+class BGAT(LBGAT):
+    """Same attack and forwards as LBGAT; the teacher is loaded, frozen and gets no CE term."""
+
     name = "bgat"
-    attack_loss = "kl"
-    attack_random_start = "normal"
-    uses_teacher = True
     trains_teacher = False
     teacher_mode_during_attack = "eval"
 
@@ -46,13 +45,13 @@ class BGAT(Method):
             members.append(member)
         return LogitEnsemble(members)
 
-    def compute_loss(self, robust, teacher, x, x_adv, y) -> StepOutput:
-        spec = self.spec
-        logits_adv = robust(x_adv)
-        logits_nat = robust(x) if spec.regularizer != "none" else None
+    def teacher_logits(self, teacher, x):
         with torch.no_grad():
-            logits_teacher = teacher(x)
-        loss = losses.bgat(
+            return teacher(x)
+
+    def guided_loss(self, logits_adv, logits_teacher, y, logits_nat):
+        spec = self.spec
+        return losses.bgat(
             logits_adv,
             logits_teacher,
             y,
@@ -60,7 +59,4 @@ class BGAT(Method):
             alpha=spec.alpha,
             regularizer=spec.regularizer,
             robust_ce=spec.robust_ce,
-        )
-        return StepOutput(
-            loss=loss, logits_adv=logits_adv, logits_nat=logits_nat, logits_teacher=logits_teacher
         )

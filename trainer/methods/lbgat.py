@@ -30,12 +30,12 @@ class LBGAT(Method):
     def build_teacher(self, experiment, num_classes, in_channels):
         return teacher_from_spec(experiment, num_classes, in_channels)
 
-    def compute_loss(self, robust, teacher, x, x_adv, y) -> StepOutput:
+    def teacher_logits(self, teacher, x):
+        return teacher(x)
+
+    def guided_loss(self, logits_adv, logits_teacher, y, logits_nat):
         spec = self.spec
-        logits_adv = robust(x_adv)
-        logits_nat = robust(x) if spec.regularizer != "none" else None
-        logits_teacher = teacher(x)
-        loss = losses.lbgat(
+        return losses.lbgat(
             logits_adv,
             logits_teacher,
             y,
@@ -45,6 +45,12 @@ class LBGAT(Method):
             regularizer=spec.regularizer,
             robust_ce=spec.robust_ce,
         )
+
+    def compute_loss(self, robust, teacher, x, x_adv, y) -> StepOutput:
+        logits_adv = robust(x_adv)
+        logits_nat = robust(x) if self.spec.regularizer != "none" else None
+        logits_teacher = self.teacher_logits(teacher, x)
+        loss = self.guided_loss(logits_adv, logits_teacher, y, logits_nat)
         return StepOutput(
             loss=loss, logits_adv=logits_adv, logits_nat=logits_nat, logits_teacher=logits_teacher
         )
