@@ -379,6 +379,99 @@ class OutputSpec(_Strict):
     dir: str | None = Field(None, description="default: runs/<name>")
 
 
+# --------------------------------------------------------------------------- cluster: resources, sweep
+
+
+class ResourcesSpec(_Strict):
+    """How one training run is spread over a Ray cluster (ignored by `lbgat train`).
+
+    The global batch (optimization.batch_size) is split evenly: each of N workers trains on batch/N
+    and DDP averages the gradients, so N workers take the same steps with the same learning rate as
+    the single-GPU recipe (BatchNorm statistics are per worker unless sync_batchnorm is on).
+    """
+
+    num_workers: int = Field(1, ge=1, le=1024)
+    use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
+    gpus_per_worker: float = Field(1.0, gt=0)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
+    sync_batchnorm: bool = Field(True, description="SyncBatchNorm across GPU workers (single-GPU statistics)")
+
+
+class GridDomain(_Strict):
+    kind: Literal["grid"] = "grid"
+    values: list[Any] = Field(min_length=1)
+
+
+class ChoiceDomain(_Strict):
+    kind: Literal["choice"] = "choice"
+    values: list[Any] = Field(min_length=1)
+
+
+class UniformDomain(_Strict):
+    kind: Literal["uniform", "loguniform"] = "uniform"
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _ordered(self) -> UniformDomain:
+        if not self.low < self.high:
+            raise ValueError(f"high: must be above low ({self.low})")
+        if self.kind == "loguniform" and self.low <= 0:
+            raise ValueError("low: a log-uniform range must be positive")
+        return self
+
+
+class IntDomain(_Strict):
+    kind: Literal["randint"] = "randint"
+    low: int
+    high: int = Field(description="exclusive")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntDomain:
+        if not self.low < self.high:
+            raise ValueError(f"high: must be above low ({self.low})")
+        return self
+
+
+SearchDomain = Annotated[GridDomain | ChoiceDomain | UniformDomain | IntDomain, Field(discriminator="kind")]
+
+
+class SweepSpec(_Strict):
+    """A Ray Tune search over spec fields, each trial a full (possibly distributed) training run.
+
+    `parameters` maps dotted spec paths ("method.alpha", "optimization.lr", "model.robust.name") to a
+    domain; every trial's spec is the base spec with those fields replaced, validated like any spec.
+    """
+
+    parameters: dict[str, SearchDomain] = Field(min_length=1)
+    search: Literal["grid", "random", "optuna"] = "grid"
+    num_samples: int = Field(1, ge=1, description="random/optuna: trials; grid: repeats of the grid")
+    scheduler: Literal["fifo", "asha"] = "fifo"
+    metric: Literal["val_pgd_acc", "val_clean_acc", "val_nrr", "test_clean_accuracy", "neg_loss"] = (
+        "val_pgd_acc"
+    )
+    mode: Literal["max", "min"] = "max"
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs before a trial can be stopped")
+    reduction_factor: float = Field(2.0, gt=1)
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="None: as many as the cluster's GPUs/CPUs allow"
+    )
+
+    @model_validator(mode="after")
+    def _grid_only_with_grid(self) -> SweepSpec:
+        kinds = {d.kind for d in self.parameters.values()}
+        if self.search == "grid" and kinds - {"grid"}:
+            raise ValueError(
+                "search: 'grid' needs every parameter as {kind: grid, values: [...]}; use 'random' to sample"
+            )
+        if self.search != "grid" and "grid" in kinds:
+            raise ValueError(
+                f"search: '{self.search}' samples; give choice/uniform/loguniform/randint domains"
+            )
+        return self
+
+
 # --------------------------------------------------------------------------- experiment
 
 
@@ -395,6 +488,8 @@ class ExperimentSpec(_Strict):
     selection: SelectionSpec = Field(default_factory=SelectionSpec)
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    sweep: SweepSpec | None = None
     seed: int = Field(0, ge=0)
     output: OutputSpec = Field(default_factory=OutputSpec)
 
@@ -407,6 +502,14 @@ class ExperimentSpec(_Strict):
             )
         if name not in TEACHER_METHODS and self.model.teacher is not None:
             raise ValueError(f"model.teacher: method '{name}' uses no teacher; remove model.teacher")
+        if self.sweep is not None:
+            if self.sweep.metric.startswith("val_") and self.dataset.val_size == 0:
+                raise ValueError(
+                    f"sweep.metric: '{self.sweep.metric}' is measured on a held-out split; set dataset.val_size > 0"
+                )
+            for path in self.sweep.parameters:
+                if path.split(".")[0] in {"sweep", "version", "name", "output"}:
+                    raise ValueError(f"sweep.parameters: '{path}' cannot be swept")
         if self.selection.metric is not None and self.dataset.val_size == 0:
             raise ValueError(
                 "selection.metric: best-checkpoint selection needs a held-out split (dataset.val_size > 0)"

@@ -166,11 +166,12 @@ class TrainingRun:
         teacher = self.method.build_teacher(spec, self.num_classes, self.in_channels)
         self.teacher = None if teacher is None else teacher.to(self.rt.device, memory_format=memory_format)
         self.optimizer = self._make_optimizer()
-        # what the step runs: compiled versions where asked; the plain modules own the weights
-        self.robust_fn: nn.Module = torch.compile(self.robust) if self.rt.compile else self.robust
-        self.teacher_fn: nn.Module | None = self.teacher
-        if self.rt.compile and self.teacher is not None:
-            self.teacher_fn = torch.compile(self.teacher)
+        # What the step runs. The plain modules own the weights (checkpoints, optimizer); the loss
+        # forwards go through robust_fn/teacher_fn (compiled and, on Ray, DDP-wrapped), the attack
+        # through attack_fn, never DDP: an input-gradient pass must not start a gradient all-reduce.
+        self.robust_fn: nn.Module = self._compiled(self.robust)
+        self.attack_fn: nn.Module = self.robust_fn
+        self.teacher_fn: nn.Module | None = None if self.teacher is None else self._compiled(self.teacher)
 
         self.epoch = 0  # completed epochs
         self.history: list[dict[str, Any]] = []
@@ -191,6 +192,26 @@ class TrainingRun:
             )
         return torch.optim.Adam(groups, lr=opt.lr, weight_decay=opt.weight_decay)
 
+    def _compiled(self, module: nn.Module) -> nn.Module:
+        return torch.compile(module) if self.rt.compile else module
+
+    def distribute(self, wrap: Callable[[nn.Module], nn.Module], *, sync_batchnorm: bool = False) -> None:
+        """Wrap the trained models for data-parallel training (e.g. in DistributedDataParallel).
+
+        With sync_batchnorm, BatchNorm layers are converted first so that N workers compute the
+        batch statistics of the whole global batch, as one GPU does; the converted layers keep the
+        same parameter tensors, so the optimizer needs no rebuild.
+        """
+        if sync_batchnorm:
+            self.robust = nn.SyncBatchNorm.convert_sync_batchnorm(self.robust)
+            if self.teacher is not None and self.method.trains_teacher:
+                self.teacher = nn.SyncBatchNorm.convert_sync_batchnorm(self.teacher)
+        self.attack_fn = self._compiled(self.robust)
+        self.robust_fn = self._compiled(wrap(self.robust))
+        if self.teacher is not None:
+            trained = self.method.trains_teacher
+            self.teacher_fn = self._compiled(wrap(self.teacher) if trained else self.teacher)
+
     # ------------------------------------------------------------------ training
 
     def _set_lr(self, lr: float) -> None:
@@ -205,7 +226,7 @@ class TrainingRun:
             if method.attack_loss is not None:
                 _set_mode(self.robust, method.robust_mode_during_attack)
                 _set_mode(self.teacher, method.teacher_mode_during_attack)
-                x_adv = method.generate(self.robust_fn, x, y)
+                x_adv = method.generate(self.attack_fn, x, y)
             self.robust.train()
             _set_mode(self.teacher, "train" if method.trains_teacher else "eval")
             out = method.compute_loss(self.robust_fn, self.teacher_fn, x, x_adv, y)

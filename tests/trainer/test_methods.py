@@ -103,7 +103,7 @@ def test_modes_during_attack_and_loss(
     run = TrainingRun(_spec(key, teacher_checkpoint), out_dir=tmp_path)
     log: list = []
     teacher_modes: list = []
-    run.robust_fn = _ModeRecorder(run.robust, "robust", log)
+    run.robust_fn = run.attack_fn = _ModeRecorder(run.robust, "robust", log)
     run.robust = run.robust_fn  # the loop switches modes on run.robust; the wrapper forwards them
     if run.teacher is not None:
         run.teacher.register_forward_pre_hook(lambda m, args: teacher_modes.append(m.training))

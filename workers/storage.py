@@ -1,0 +1,670 @@
+"""The artifact store: one small key/value API over a local directory or an S3-compatible server.
+
+Everyone writes and reads run artifacts through it (the Ray workers now, the FastAPI service later),
+so it imports neither torch nor ray; pyarrow is imported only by `pyarrow_filesystem()`.
+
+Layout (see DESIGN.md): `experiments/<experiment-id>/<trial>/{checkpoints/,metrics.jsonl,summary.json,plots/}`,
+relative to the store root (`file://<dir>` or `s3://<bucket>[/<prefix>]`); `experiment_prefix()` builds it.
+
+Guarantees, and why:
+
+* Whole-object writes. A reader sees an object whole or not at all: LocalStore writes a temporary file
+  in the target folder and renames it (os.replace is atomic on one file system); an S3 PUT (and a
+  completed multipart upload) makes an object appear at once. A crashed writer leaves the old version.
+* Keys are '/'-separated relative paths, checked the same way for both stores, so that a key that
+  works on a laptop works on the cluster and can never escape the store root.
+* Single writer per key for `append_line`: S3 has no append, so it is read-modify-write. Two writers
+  appending to the same key at once can lose a line. By design each trial's metrics.jsonl has exactly
+  one writer (the rank-0 worker of that trial).
+* Keys name objects, not folders: LocalStore cannot hold both 'a' and 'a/b' (S3 can); don't rely on it.
+* Retries (S3): connection errors, timeouts, 5xx and the S3 "try again" codes are retried with
+  exponential backoff; urllib3's own retries are off so that ours is the only loop and the attempt
+  count and timing are what LBGAT_STORE_RETRIES / LBGAT_STORE_BACKOFF_S say. When the store stays
+  unreachable, StoreUnavailable says where and for how long we tried. Errors that retrying cannot fix
+  (a missing key, denied access) raise at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from workers.settings import StoreSettings, env_name
+
+if TYPE_CHECKING:
+    import minio
+    import pyarrow.fs
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_TMP_SUFFIX = ".lbgat-tmp"  # LocalStore temporaries; list() skips them, keys may not end with it
+_ID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+class StoreError(RuntimeError):
+    """A store request failed permanently (retrying would not help)."""
+
+
+class KeyNotFound(StoreError, KeyError):
+    """The key does not exist (or its bucket does not yet)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class StoreUnavailable(StoreError):
+    """The store stayed unreachable (or refused us) after all attempts; the message says what to check."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+
+
+# -- keys ------------------------------------------------------------------------------------------
+
+
+def validate_key(key: str) -> str:
+    """Return `key` if it is a clean relative '/'-separated path, else raise ValueError naming it."""
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"invalid store key {key!r}: keys are non-empty '/'-separated relative paths")
+    _check_segments(key, key.split("/"), what="key")
+    return key
+
+
+def validate_prefix(prefix: str) -> str:
+    """A prefix is '' or a key, optionally ending in '/' ('experiments/e1/' or 'experiments/e')."""
+    if not isinstance(prefix, str):
+        raise ValueError(f"invalid store prefix {prefix!r}")
+    if prefix:
+        parts = prefix.split("/")
+        if parts[-1] == "":
+            parts = parts[:-1]
+        if not parts:
+            raise ValueError(f"invalid store prefix {prefix!r}: may not be '/' alone (use '' for everything)")
+        _check_segments(prefix, parts, what="prefix")
+    return prefix
+
+
+def _check_segments(name: str, parts: list[str], *, what: str) -> None:
+    if name.startswith("/"):
+        raise ValueError(f"invalid store {what} {name!r}: must be relative, not start with '/'")
+    for part in parts:
+        if part == "":
+            raise ValueError(f"invalid store {what} {name!r}: empty path segment ('//' or a trailing '/')")
+        if part in (".", ".."):
+            raise ValueError(f"invalid store {what} {name!r}: '.' and '..' segments are not allowed")
+        if "\\" in part or any(ord(c) < 32 for c in part):
+            raise ValueError(f"invalid store {what} {name!r}: no backslashes or control characters")
+        if part.endswith(_TMP_SUFFIX):
+            raise ValueError(f"invalid store {what} {name!r}: the suffix {_TMP_SUFFIX} is reserved")
+
+
+def experiment_prefix(experiment_id: str, trial: str | None = None) -> str:
+    """'experiments/<id>/' or 'experiments/<id>/<trial>/' — the folder of one experiment or trial."""
+    for what, value in (("experiment id", experiment_id), ("trial", trial)):
+        if value is None and what == "trial":
+            continue
+        if not isinstance(value, str) or not _ID_RE.match(value) or value in (".", ".."):
+            raise ValueError(f"invalid {what} {value!r}: use letters, digits, '_', '.', '-' only")
+    return f"experiments/{experiment_id}/" if trial is None else f"experiments/{experiment_id}/{trial}/"
+
+
+# -- the interface ---------------------------------------------------------------------------------
+
+
+class ArtifactStore(ABC):
+    """Keys are relative to the store root; see the module docstring for the guarantees."""
+
+    url: str  # location without credentials, safe to log: "file:///abs/dir" or "s3://bucket/prefix"
+
+    @abstractmethod
+    def put_bytes(self, key: str, data: bytes) -> None:
+        """Write `data` at `key`, replacing it whole (readers never see a partial object)."""
+
+    def put_file(self, key: str, path: str | Path) -> None:
+        """Upload the local file `path` to `key` (whole-object, like put_bytes)."""
+        self.put_bytes(key, Path(path).read_bytes())
+
+    def put_json(self, key: str, obj: Any) -> None:
+        self.put_bytes(key, json.dumps(obj, indent=2).encode())
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes:
+        """The object's content; KeyNotFound if it does not exist."""
+
+    def get_json(self, key: str) -> Any:
+        return json.loads(self.get_bytes(key))
+
+    @abstractmethod
+    def get_file(self, key: str, path: str | Path) -> Path:
+        """Download `key` to `path` through a temporary file and a rename: `path` is whole or untouched."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        """Every object whose key starts with `prefix` (string prefix, recursive), sorted by key."""
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object whose key starts with `prefix`; return how many. '' is refused."""
+
+    def append_line(self, key: str, line: str) -> None:
+        """Append one line (e.g. a metrics.jsonl record) to `key`, creating it if absent.
+
+        Read-modify-write, because S3 has no append: the new object is written whole, so readers see
+        the old or the new content, but two concurrent writers of one key may lose a line. There is
+        one writer per key by design (each trial's rank-0 worker owns its metrics.jsonl).
+        """
+        line = line.removesuffix("\n")
+        if "\n" in line:
+            raise ValueError(f"append_line({key!r}): the line may not contain a newline")
+        try:
+            old = self.get_bytes(key)
+        except KeyNotFound:
+            old = b""
+        if old and not old.endswith(b"\n"):
+            old += b"\n"
+        self.put_bytes(key, old + line.encode() + b"\n")
+
+    @abstractmethod
+    def check(self) -> None:
+        """Cheap reachability / permission check; creates the bucket or folder. Raises StoreUnavailable."""
+
+    @abstractmethod
+    def pyarrow_filesystem(self) -> tuple[pyarrow.fs.FileSystem, str]:
+        """(filesystem, base path) for Ray Train: RunConfig(storage_filesystem=fs, storage_path=f"{base}/...")."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.url!r})"
+
+
+# -- local directory -------------------------------------------------------------------------------
+
+
+class LocalStore(ArtifactStore):
+    """A directory on the local (or a shared) file system; the default for a laptop and the tests."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.url = self.root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*validate_key(key).split("/"))
+
+    def _write_atomic(self, target: Path, fill: Callable[[io.BufferedWriter], None]) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=_TMP_SUFFIX, dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                fill(f)
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._write_atomic(self._path(key), lambda f: f.write(data))
+
+    def put_file(self, key: str, path: str | Path) -> None:
+        target = self._path(key)
+        with open(path, "rb") as src:
+            self._write_atomic(target, lambda f: shutil.copyfileobj(src, f, 1 << 20))
+
+    def get_bytes(self, key: str) -> bytes:
+        path = self._path(key)
+        try:
+            return path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise KeyNotFound(f"no object {key!r} in {self.url}") from None
+
+    def get_file(self, key: str, path: str | Path) -> Path:
+        source, target = self._path(key), Path(path)
+        try:
+            src = open(source, "rb")  # noqa: SIM115 - closed below; opened first so a missing key leaves no temp
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise KeyNotFound(f"no object {key!r} in {self.url}") from None
+        with src:
+            _download_atomic(target, lambda f: shutil.copyfileobj(src, f, 1 << 20))
+        return target
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def _walk(self, prefix: str) -> Iterator[tuple[str, Path]]:
+        # Start at the deepest folder the prefix names, then filter by string prefix (S3 semantics).
+        folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        start = self.root.joinpath(*folder.split("/")) if folder else self.root
+        if not start.is_dir():
+            return
+        for dirpath, dirnames, filenames in os.walk(start):
+            dirnames.sort()
+            rel_dir = Path(dirpath).relative_to(self.root).as_posix()
+            for name in filenames:
+                if name.endswith(_TMP_SUFFIX):
+                    continue
+                key = name if rel_dir == "." else f"{rel_dir}/{name}"
+                if key.startswith(prefix):
+                    yield key, Path(dirpath, name)
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        validate_prefix(prefix)
+        out = []
+        for key, path in self._walk(prefix):
+            with contextlib.suppress(FileNotFoundError):  # deleted while we walked
+                out.append(ObjectInfo(key, path.stat().st_size))
+        return sorted(out, key=lambda o: o.key)
+
+    def delete_prefix(self, prefix: str) -> int:
+        _refuse_empty(prefix, self.url)
+        validate_prefix(prefix)
+        count = 0
+        folders: set[Path] = set()
+        for _key, path in list(self._walk(prefix)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                count += 1
+                folders.add(path.parent)
+        # Remove the folders that became empty, up to (not including) the root.
+        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+            while folder != self.root and self.root in folder.parents:
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty (or gone)
+                    break
+                folder = folder.parent
+        return count
+
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".check.", suffix=_TMP_SUFFIX, dir=self.root)
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as exc:
+            raise StoreUnavailable(
+                f"artifact store {self.url} is not writable: {exc}; check {env_name('artifact_store')} "
+                "and the folder's permissions"
+            ) from exc
+
+    def pyarrow_filesystem(self) -> tuple[pyarrow.fs.FileSystem, str]:
+        import pyarrow.fs
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        return pyarrow.fs.LocalFileSystem(), str(self.root)
+
+
+def _download_atomic(target: Path, fill: Callable[[io.BufferedWriter], None]) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fill(f)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _refuse_empty(prefix: str, url: str) -> None:
+    if not prefix:
+        raise ValueError(f"delete_prefix('') would delete everything in {url}; name a prefix")
+
+
+# -- S3 --------------------------------------------------------------------------------------------
+
+# S3 error codes that mean "try again later" (AWS and MinIO/SeaweedFS spellings).
+_TRANSIENT_CODES = frozenset(
+    {
+        "InternalError",
+        "SlowDown",
+        "ServiceUnavailable",
+        "RequestTimeout",
+        "OperationAborted",
+        "XMinioServerNotInitialized",
+        "XMinioReadQuorum",
+        "XMinioWriteQuorum",
+    }
+)
+_NOT_FOUND_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NoSuchObject"})
+_AUTH_CODES = frozenset(
+    {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"}
+)
+
+
+def _transient_status(status: int | None) -> bool:
+    return status is not None and (status == 429 or (status >= 500 and status != 501))
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying `exc` may help: network trouble, timeouts, 5xx, throttling."""
+    import urllib3.exceptions
+    from minio.error import InvalidResponseError, S3Error, ServerError
+
+    if isinstance(exc, S3Error):
+        status = getattr(exc.response, "status", None)
+        return exc.code in _TRANSIENT_CODES or _transient_status(status)
+    if isinstance(exc, ServerError):
+        return _transient_status(exc.status_code)
+    if isinstance(exc, InvalidResponseError):  # a non-XML answer, e.g. a proxy's 502 page
+        return _transient_status(getattr(exc, "_code", None))
+    # urllib3.exceptions.HTTPError covers MaxRetryError, ProtocolError, NewConnectionError, timeouts;
+    # ConnectionError / TimeoutError (OSError) come through when a socket call fails outside urllib3.
+    return isinstance(exc, (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError))
+
+
+class S3Store(ArtifactStore):
+    """An S3-compatible bucket (MinIO, SeaweedFS, AWS), optionally under a key prefix.
+
+    The minio client gets its own urllib3 PoolManager with our timeouts and *no* urllib3 retries, so
+    the loop in `_retry` is the only retry loop. The bucket is created if missing, by `check()` and
+    lazily before the first write. Build one per process (`open_store()` from the LBGAT_* environment,
+    see StoreSettings.as_env); the client's connection pool does not pickle.
+    """
+
+    def __init__(self, settings: StoreSettings) -> None:
+        import minio
+        import urllib3
+
+        if settings.scheme != "s3":
+            raise ValueError(f"S3Store needs an s3:// store, got {settings.store_url}")
+        if not (settings.s3_endpoint and settings.s3_access_key and settings.s3_secret_key):
+            raise ValueError("S3Store needs LBGAT_S3_ENDPOINT, LBGAT_S3_ACCESS_KEY and LBGAT_S3_SECRET_KEY")
+        self.bucket = settings.s3_bucket
+        self.prefix = settings.s3_prefix
+        self.endpoint = settings.s3_endpoint
+        self.secure = settings.s3_secure
+        self.region = settings.s3_region
+        self.url = settings.store_url
+        self._attempts = settings.store_retries
+        self._timeout = settings.store_timeout_s
+        self._backoff = settings.store_backoff_s
+        self._access_key = settings.s3_access_key
+        self._secret = settings.s3_secret_key  # SecretStr: only unwrapped where a client needs it
+        self._bucket_ready = False
+
+        pool_args: dict[str, Any] = {}
+        if self.secure:  # as minio's default client: verify against SSL_CERT_FILE or certifi's bundle
+            import certifi
+
+            pool_args = {
+                "cert_reqs": "CERT_REQUIRED",
+                "ca_certs": os.environ.get("SSL_CERT_FILE") or certifi.where(),
+            }
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=self._timeout, read=self._timeout),
+            retries=False,  # our _retry loop is the only one
+            maxsize=10,
+            **pool_args,
+        )
+        self._client: minio.Minio = minio.Minio(
+            self.endpoint,
+            access_key=self._access_key,
+            secret_key=self._secret.get_secret_value(),
+            secure=self.secure,
+            region=self.region,
+            http_client=http,
+        )
+
+    # -- plumbing ----------------------------------------------------------------------------------
+
+    @property
+    def _where(self) -> str:
+        return f"{self.url} at {'https' if self.secure else 'http'}://{self.endpoint}"
+
+    def _scrub(self, text: str) -> str:
+        secret = self._secret.get_secret_value()
+        return text.replace(secret, "**********") if secret else text
+
+    def _describe(self, exc: BaseException) -> str:
+        from minio.error import S3Error
+
+        if isinstance(exc, S3Error):
+            text = f"S3 error {exc.code}: {exc.message}"
+        else:
+            text = f"{type(exc).__name__}: {exc}"
+        return self._scrub(text)
+
+    def _name(self, key: str) -> str:
+        validate_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _key(self, name: str) -> str:
+        return name[len(self.prefix) + 1 :] if self.prefix else name
+
+    def _retry(self, what: str, fn: Callable[[], T]) -> T:
+        """Run `fn`, retrying transient failures with exponential backoff; see the module docstring."""
+        start = time.monotonic()
+        delay = self._backoff
+        for attempt in range(1, self._attempts + 1):
+            try:
+                return fn()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                if attempt == self._attempts:
+                    elapsed = time.monotonic() - start
+                    raise StoreUnavailable(
+                        f"artifact store {self._where} unavailable: {what} failed {attempt} time(s) over "
+                        f"{elapsed:.1f}s (last error: {self._describe(exc)}). Is the S3 server up and "
+                        f"reachable, and is {env_name('s3_endpoint')}={self.endpoint} right "
+                        f"({env_name('s3_secure')}={str(self.secure).lower()})? Retries and timeouts: "
+                        f"{env_name('store_retries')}, {env_name('store_timeout_s')}."
+                    ) from None
+                logger.warning(
+                    "artifact store %s: %s failed (attempt %d/%d, %s); retrying in %.2fs",
+                    self._where,
+                    what,
+                    attempt,
+                    self._attempts,
+                    self._describe(exc),
+                    delay,
+                )
+                time.sleep(delay)
+                delay *= 2
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def _permanent(self, what: str, exc: Exception, key: str | None = None) -> StoreError:
+        """Translate a non-transient minio error into our exceptions."""
+        from minio.error import S3Error
+
+        if isinstance(exc, S3Error) and exc.code == "NoSuchBucket":
+            self._bucket_ready = False  # deleted behind our back: the next write creates it again
+        if isinstance(exc, S3Error) and exc.code in _NOT_FOUND_CODES and key is not None:
+            return KeyNotFound(f"no object {key!r} in {self.url}")
+        if isinstance(exc, S3Error) and exc.code in _AUTH_CODES:
+            return StoreError(
+                f"artifact store {self._where} refused {what}: {self._describe(exc)}; check "
+                f"{env_name('s3_access_key')} / {env_name('s3_secret_key')} and the key's permissions"
+            )
+        return StoreError(f"artifact store {self._where}: {what} failed: {self._describe(exc)}")
+
+    def _run(self, what: str, fn: Callable[[], T], key: str | None = None) -> T:
+        try:
+            return self._retry(what, fn)
+        except StoreError:
+            raise
+        except Exception as exc:
+            from minio.error import MinioException
+
+            if isinstance(exc, MinioException):
+                raise self._permanent(what, exc, key) from None
+            raise
+
+    def _ensure_bucket(self, force: bool = False) -> None:
+        """Create the bucket if missing (once per store object unless `force`)."""
+        if self._bucket_ready and not force:
+            return
+        from minio.error import S3Error
+
+        def ensure() -> None:
+            if self._client.bucket_exists(self.bucket):
+                return
+            try:
+                self._client.make_bucket(self.bucket, location=self.region)
+                logger.info("artifact store: created bucket %s at %s", self.bucket, self.endpoint)
+            except S3Error as exc:  # a concurrent creator won the race
+                if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
+
+        self._run(f"check/create bucket {self.bucket!r}", ensure)
+        self._bucket_ready = True
+
+    # -- the API -------------------------------------------------------------------------------------
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        name = self._name(key)
+        self._ensure_bucket()
+        self._run(
+            f"put {key!r}",
+            lambda: self._client.put_object(self.bucket, name, io.BytesIO(data), len(data)),
+        )
+
+    def put_file(self, key: str, path: str | Path) -> None:
+        name = self._name(key)
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"put_file({key!r}): no file {path}")
+        self._ensure_bucket()
+        self._run(f"upload {key!r}", lambda: self._client.fput_object(self.bucket, name, str(path)))
+
+    def get_bytes(self, key: str) -> bytes:
+        name = self._name(key)
+
+        def get() -> bytes:
+            response = self._client.get_object(self.bucket, name)
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
+        return self._run(f"get {key!r}", get, key)
+
+    def get_file(self, key: str, path: str | Path) -> Path:
+        name = self._name(key)
+        target = Path(path)
+
+        def download() -> None:
+            response = self._client.get_object(self.bucket, name)
+            try:
+                _download_atomic(target, lambda f: shutil.copyfileobj(response, f, 1 << 20))
+            finally:
+                response.close()
+                response.release_conn()
+
+        self._run(f"download {key!r}", download, key)
+        return target
+
+    def exists(self, key: str) -> bool:
+        name = self._name(key)
+        try:
+            self._run(f"stat {key!r}", lambda: self._client.stat_object(self.bucket, name), key)
+        except KeyNotFound:
+            return False
+        return True
+
+    def _list_names(self, prefix: str) -> list[tuple[str, int]]:
+        """(object name, size) under the full prefix, directory markers ('x/') included."""
+        from minio.error import S3Error
+
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+
+        def listing() -> list[tuple[str, int]]:
+            try:
+                objects = self._client.list_objects(self.bucket, prefix=full or None, recursive=True)
+                return [(o.object_name or "", o.size or 0) for o in objects]
+            except S3Error as exc:
+                if exc.code == "NoSuchBucket":
+                    return []
+                raise
+
+        return self._run(f"list {prefix!r}", listing)
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        validate_prefix(prefix)
+        # Names ending in '/' are folder markers (pyarrow and consoles create them): not objects.
+        infos = [
+            ObjectInfo(self._key(n), size) for n, size in self._list_names(prefix) if not n.endswith("/")
+        ]
+        return sorted(infos, key=lambda o: o.key)
+
+    def delete_prefix(self, prefix: str) -> int:
+        from minio.deleteobjects import DeleteObject
+
+        _refuse_empty(prefix, self.url)
+        validate_prefix(prefix)
+        names = [n for n, _ in self._list_names(prefix)]
+        if not names:
+            return 0
+
+        def delete() -> None:
+            for start in range(0, len(names), 1000):  # S3 multi-delete takes at most 1000 keys
+                batch = [DeleteObject(n) for n in names[start : start + 1000]]
+                errors = [e for e in self._client.remove_objects(self.bucket, batch) if e.code != "NoSuchKey"]
+                if errors:
+                    first = errors[0]
+                    raise StoreError(
+                        f"artifact store {self._where}: could not delete {len(errors)} object(s) under "
+                        f"{prefix!r}, e.g. {first.name!r}: {first.code} {first.message}"
+                    )
+
+        self._run(f"delete {prefix!r}", delete)
+        return sum(1 for n in names if not n.endswith("/"))
+
+    def check(self) -> None:
+        """HEAD the bucket (creating it if missing); any failure becomes StoreUnavailable."""
+        try:
+            self._ensure_bucket(force=True)
+        except StoreUnavailable:
+            raise
+        except StoreError as exc:
+            raise StoreUnavailable(str(exc)) from None
+
+    def pyarrow_filesystem(self) -> tuple[pyarrow.fs.FileSystem, str]:
+        """A pyarrow S3FileSystem on the same server and credentials, and '<bucket>[/<prefix>]'.
+
+        pyarrow does not read endpoint variables, so the endpoint is passed explicitly. The returned
+        filesystem holds the secret key (Ray pickles it to the workers): do not log it.
+        """
+        import pyarrow.fs
+
+        self._ensure_bucket()
+        fs = pyarrow.fs.S3FileSystem(
+            access_key=self._access_key,
+            secret_key=self._secret.get_secret_value(),
+            endpoint_override=self.endpoint,
+            scheme="https" if self.secure else "http",
+            # A fixed region: without one the AWS SDK would probe EC2 metadata for it.
+            region=self.region or "us-east-1",
+            connect_timeout=self._timeout,
+            request_timeout=self._timeout,
+            retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=self._attempts),
+        )
+        base = f"{self.bucket}/{self.prefix}" if self.prefix else self.bucket
+        return fs, base
+
+
+def open_store(settings: StoreSettings | None = None) -> ArtifactStore:
+    """The store the settings name (None: read StoreSettings from the environment). Connects lazily."""
+    settings = settings if settings is not None else StoreSettings()
+    if settings.scheme == "file":
+        return LocalStore(settings.local_root)
+    return S3Store(settings)

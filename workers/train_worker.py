@@ -1,0 +1,197 @@
+"""The function every Ray Train worker runs: the trainer's own loop, data-parallel, checkpointed to the store.
+
+Each worker builds the same `trainer.loop.TrainingRun` a single process would, with its rank's shard
+of the data and batch/N images per step, wraps the models in DDP, and then drives the loop epoch
+by epoch. Rank 0 owns everything written: the per-epoch Ray checkpoint (through `ray.train.report`,
+which Ray uploads to the run's storage), metrics.jsonl and, at the end, the evaluation and
+summary.json. After a worker failure Ray restarts the group and every worker resumes from the last
+reported checkpoint (models, optimizer, epoch, RNG, history), losing at most the epochs since.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from api_schemas import TrainSummary
+from trainer import checkpoint as ckpt
+from trainer.loop import TrainingRun
+from trainer.provenance import provenance
+from workers.config import WorkerConfig
+from workers.storage import ArtifactStore, experiment_prefix, open_store
+
+log = logging.getLogger("workers.train")
+
+STATE_FILE = "state.pt"
+
+
+def _ddp(device: torch.device):
+    def wrap(module: nn.Module) -> nn.Module:
+        if device.type == "cuda":
+            return DistributedDataParallel(module, device_ids=[device.index])
+        return DistributedDataParallel(module)
+
+    return wrap
+
+
+def _resume(run: TrainingRun) -> bool:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return False
+    with checkpoint.as_directory() as folder:
+        payload = ckpt.read_checkpoint(Path(folder) / STATE_FILE, map_location=run.rt.device)
+    run.load_payload(payload)
+    return True
+
+
+def _rewrite_metrics(store: ArtifactStore, key: str, history: list[dict[str, Any]]) -> None:
+    # After a restart the store may hold lines of epochs that were lost; the checkpoint's history
+    # is the truth, so the file is rewritten from it.
+    store.put_bytes(key, "".join(json.dumps(h) + "\n" for h in history).encode())
+
+
+def _epoch_report(metrics: dict[str, Any]) -> dict[str, float]:
+    """Flat numeric metrics for Ray/Tune (val dict flattened to val_*; loss also as neg_loss for max-mode)."""
+    flat: dict[str, float] = {}
+    for key, value in metrics.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[key] = float(value)
+    for key, value in (metrics.get("val") or {}).items():
+        flat[f"val_{key}"] = float(value)
+    flat["neg_loss"] = -flat["loss"]
+    return flat
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Entry point of each Ray Train worker (`TorchTrainer(train_loop_per_worker=...)`)."""
+    cfg = WorkerConfig.from_ray(config)
+    spec = cfg.spec
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    prefix = experiment_prefix(cfg.experiment_id, cfg.trial)
+    store = open_store() if rank == 0 else None
+
+    with tempfile.TemporaryDirectory(prefix="lbgat-worker-") as scratch:
+        run = TrainingRun(spec, out_dir=scratch, device=device, rank=rank, world_size=world_size)
+        if world_size > 1:
+            run.distribute(
+                _ddp(device), sync_batchnorm=spec.resources.sync_batchnorm and device.type == "cuda"
+            )
+        resumed = _resume(run)
+        if store is not None:
+            store.put_json(prefix + "spec.json", spec.model_dump(mode="json"))
+            if resumed:
+                _rewrite_metrics(store, prefix + "metrics.jsonl", run.history)
+                event = {
+                    "event": "resumed",
+                    "epoch": run.epoch,
+                    "world_size": world_size,
+                    "time": time.time(),
+                }
+                store.append_line(prefix + "events.jsonl", json.dumps(event))
+                log.info(
+                    "%s/%s resumed from the checkpoint of epoch %d", cfg.experiment_id, cfg.trial, run.epoch
+                )
+            elif run.epoch == 0:
+                store.put_bytes(prefix + "metrics.jsonl", b"")
+        start = time.perf_counter()
+        while run.epoch < spec.optimization.epochs:
+            metrics = run.train_epoch(progress=False)
+            payload_dir = None
+            if rank == 0:
+                metrics.test_clean_accuracy = run.test_clean_accuracy()
+                if run.data.val is not None and (
+                    run.epoch % spec.selection.every_n_epochs == 0 or run.epoch == spec.optimization.epochs
+                ):
+                    metrics.val = run.validate()
+                    if spec.selection.metric is not None:
+                        value = metrics.val[spec.selection.metric]
+                        if run.best_metric is None or value > run.best_metric:
+                            run.best_metric, run.best_epoch = value, run.epoch
+                            best = run.save(Path(scratch) / "best.pt")
+                            store.put_file(prefix + "checkpoints/best.pt", best)
+                run.history.append(metrics.model_dump(mode="json"))
+                store.append_line(prefix + "metrics.jsonl", metrics.model_dump_json())
+                payload_dir = Path(scratch) / f"epoch_{run.epoch:04d}"
+                payload_dir.mkdir()
+                ckpt.save_checkpoint(payload_dir / STATE_FILE, run.checkpoint_payload())
+            else:
+                run.history.append(metrics.model_dump(mode="json"))
+            checkpoint = None
+            if payload_dir is not None and (
+                run.epoch % spec.checkpoint.every_n_epochs == 0 or run.epoch == spec.optimization.epochs
+            ):
+                checkpoint = ray.train.Checkpoint.from_directory(str(payload_dir))
+            report = (
+                _epoch_report(metrics.model_dump(mode="json")) if rank == 0 else {"epoch": float(run.epoch)}
+            )
+            ray.train.report(report, checkpoint=checkpoint)
+            if payload_dir is not None:
+                for old in payload_dir.iterdir():
+                    old.unlink()
+                payload_dir.rmdir()
+
+        if rank == 0:
+            _finish(run, store, prefix, Path(scratch), time.perf_counter() - start, cfg)
+
+
+def _finish(
+    run: TrainingRun, store: ArtifactStore, prefix: str, scratch: Path, seconds: float, cfg: WorkerConfig
+) -> None:
+    """Rank 0 alone: evaluate the final and the best model with the spec's suite; write summary.json."""
+    spec = run.spec
+    last = run.save(scratch / "last.pt")
+    store.put_file(prefix + "checkpoints/last.pt", last)
+    final = run.evaluate_checkpoint(
+        run.robust, checkpoint=store.url + "/" + prefix + "checkpoints/last.pt", epoch=run.epoch
+    )
+    best_report = None
+    if (
+        spec.evaluation.on_best
+        and run.best_epoch is not None
+        and store.exists(prefix + "checkpoints/best.pt")
+    ):
+        best_path = store.get_file(prefix + "checkpoints/best.pt", scratch / "best_eval.pt")
+        best_model = ckpt.load_model(best_path, device=run.rt.device)
+        best_report = run.evaluate_checkpoint(
+            best_model, checkpoint=store.url + "/" + prefix + "checkpoints/best.pt", epoch=run.best_epoch
+        )
+    summary = TrainSummary(
+        name=spec.name,
+        method=spec.method.name,
+        dataset=spec.dataset.name,
+        epochs=run.epoch,
+        final=final,
+        best=best_report,
+        best_epoch=run.best_epoch,
+        best_metric=run.best_metric,
+        last_checkpoint=store.url + "/" + prefix + "checkpoints/last.pt",
+        best_checkpoint=(store.url + "/" + prefix + "checkpoints/best.pt")
+        if run.best_epoch is not None
+        else None,
+        seconds=seconds,
+        spec=spec.model_dump(mode="json"),
+        provenance={
+            **provenance(run.rt.device),
+            "world_size": run.world_size,
+            "experiment_id": cfg.experiment_id,
+        },
+    )
+    store.put_json(prefix + "summary.json", summary.model_dump(mode="json"))
+    log.info(
+        "%s/%s: summary written to %s",
+        cfg.experiment_id,
+        cfg.trial,
+        store.url + "/" + prefix + "summary.json",
+    )

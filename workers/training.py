@@ -1,0 +1,87 @@
+"""Driver side of one training run on Ray: build the TorchTrainer from the spec and fit it.
+
+The run's Ray storage is the artifact store itself (pyarrow filesystem with an explicit endpoint),
+under experiments/<id>/<trial>/ray, with a stable run name: starting the same experiment and trial
+again (a retry after the job died) lets Ray Train restore the run and continue from its last
+checkpoint instead of starting over.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from api_schemas import ExperimentSpec, TrainSummary
+from workers.config import WorkerConfig
+from workers.settings import StoreSettings
+from workers.storage import ArtifactStore, experiment_prefix
+from workers.train_worker import train_loop_per_worker
+
+log = logging.getLogger("workers.training")
+
+RAY_RUN_NAME = "ray"
+
+
+def cluster_has_gpus() -> bool:
+    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+
+
+def scaling_config(spec: ExperimentSpec) -> ScalingConfig:
+    res = spec.resources
+    use_gpu = cluster_has_gpus() if res.use_gpu is None else res.use_gpu
+    per_worker: dict[str, float] = {"CPU": res.cpus_per_worker}
+    if use_gpu:
+        per_worker["GPU"] = res.gpus_per_worker
+    return ScalingConfig(num_workers=res.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker)
+
+
+def make_trainer(
+    spec: ExperimentSpec,
+    *,
+    experiment_id: str,
+    trial: str,
+    store: ArtifactStore,
+    settings: StoreSettings,
+    callbacks: Sequence[Any] = (),
+) -> TorchTrainer:
+    filesystem, base = store.pyarrow_filesystem()
+    config = WorkerConfig(spec=spec, experiment_id=experiment_id, trial=trial, report_to_tune=bool(callbacks))
+    run_config = RunConfig(
+        name=RAY_RUN_NAME,
+        storage_path=f"{base.rstrip('/')}/{experiment_prefix(experiment_id, trial).rstrip('/')}",
+        storage_filesystem=filesystem,
+        failure_config=FailureConfig(max_failures=spec.resources.max_failures),
+        checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep_last),
+        callbacks=list(callbacks) or None,
+        # credentials travel as environment variables of the worker processes, not in the config
+        worker_runtime_env={"env_vars": settings.as_env()},
+    )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config.model_dump(mode="json"),
+        scaling_config=scaling_config(spec),
+        run_config=run_config,
+    )
+
+
+class TrainingFailed(RuntimeError):
+    pass
+
+
+def run_training(
+    spec: ExperimentSpec, *, experiment_id: str, trial: str, store: ArtifactStore, settings: StoreSettings
+) -> TrainSummary:
+    """Fit one run on the connected Ray cluster and return the summary its rank 0 wrote to the store."""
+    trainer = make_trainer(spec, experiment_id=experiment_id, trial=trial, store=store, settings=settings)
+    log.info("training %s/%s on %d worker(s)", experiment_id, trial, spec.resources.num_workers)
+    try:
+        trainer.fit()
+    except Exception as exc:  # Ray wraps worker errors; keep the reason, drop the wrapper noise
+        raise TrainingFailed(f"{experiment_id}/{trial}: training failed: {exc}") from exc
+    key = experiment_prefix(experiment_id, trial) + "summary.json"
+    return TrainSummary.model_validate(store.get_json(key))
