@@ -121,6 +121,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             run.best_metric, run.best_epoch = value, run.epoch
                             best = run.save(Path(scratch) / "best.pt")
                             store.put_file(prefix + "checkpoints/best.pt", best)
+                metrics.extra["finished_at"] = time.time()  # wall clock: epoch cycle times incl. reporting
                 run.history.append(metrics.model_dump(mode="json"))
                 store.append_line(prefix + "metrics.jsonl", metrics.model_dump_json())
                 payload_dir = Path(scratch) / f"epoch_{run.epoch:04d}"

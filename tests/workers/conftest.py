@@ -255,9 +255,13 @@ def ray_cluster() -> Iterator[None]:
     """A real local Ray instance with 2 CPUs for the whole session (started once: it takes seconds)."""
     ray = pytest.importorskip("ray")
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
+    # The dashboard stays on: Ray Train's PlacementGroupCleaner asks the state API (served by the
+    # dashboard) whether a trial's controller died; without it, trials that ASHA stops leak their
+    # worker placement groups and the next trials wait forever for CPUs.
     ray.init(
         num_cpus=2,
-        include_dashboard=False,
+        include_dashboard=True,
+        dashboard_port=free_port(),
         log_to_driver=False,
         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
     )
