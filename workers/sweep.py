@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -40,7 +42,7 @@ class TrialRow:
     clean_accuracy: float | None
     robust_accuracy: float | None
     robust_attack: str | None
-    source: str  # "summary" (final evaluation) or "last report" (a trial stopped early)
+    source: str  # "summary" (final evaluation) or "metrics.jsonl" (stopped early: last validation)
     pareto: bool = False
 
 
@@ -58,8 +60,6 @@ def _domain(domain: Any) -> Any:
 
 
 def _override(path: str, value: Any) -> str:
-    import json
-
     return f"{path}={json.dumps(value)}"
 
 
@@ -189,10 +189,12 @@ def plot_pareto(rows: list[TrialRow], title: str) -> bytes:
 
 
 def _row(result: Any, store: ArtifactStore, experiment_id: str) -> TrialRow:
-    trial_id = result.path.rstrip("/").split("/")[-1] if result.path else "unknown"
     metrics = result.metrics or {}
     tid = metrics.get("trial_id")
-    trial = f"trial_{tid}" if tid else trial_id
+    if not tid:  # no report reached Tune: recover the id from the trial folder's name
+        found = re.search(r"_([0-9a-f]+_\d{5})_", (result.path or "").rstrip("/").split("/")[-1])
+        tid = found.group(1) if found else "unknown"
+    trial = f"trial_{tid}"
     params = dict(result.config or {})
     status = "error" if result.error else "completed"
     try:
@@ -212,18 +214,27 @@ def _row(result: Any, store: ArtifactStore, experiment_id: str) -> TrialRow:
             summary.final.worst_attack,
             "summary",
         )
-    epochs = metrics.get("epoch")
-    if status == "completed" and epochs is not None:
-        status = "stopped"  # ASHA ended it before the final evaluation
+    # Stopped early (ASHA) or failed: no final evaluation. The store's metrics.jsonl is the most
+    # complete record (its last epoch may not have reached Tune before the stop).
+    try:
+        lines = (
+            store.get_bytes(experiment_prefix(experiment_id, trial) + "metrics.jsonl").decode().splitlines()
+        )
+    except KeyNotFound:
+        lines = []
+    last = json.loads(lines[-1]) if lines else {}
+    val = last.get("val") or {}
+    if status == "completed" and lines:
+        status = "stopped"
     return TrialRow(
         trial,
         params,
         status,
-        int(epochs) if epochs is not None else None,
-        metrics.get("val_clean_acc"),
-        metrics.get("val_pgd_acc"),
-        "val_pgd" if "val_pgd_acc" in metrics else None,
-        "last report",
+        len(lines) if lines else None,
+        val.get("clean_acc", metrics.get("val_clean_acc")),
+        val.get("pgd_acc", metrics.get("val_pgd_acc")),
+        "val_pgd" if "pgd_acc" in val or "val_pgd_acc" in metrics else None,
+        "metrics.jsonl",
     )
 
 
