@@ -315,6 +315,25 @@ class TrainingRun:
         )
         return {"clean_acc": clean, "pgd_acc": pgd_acc, "nrr": nrr(clean, pgd_acc)}
 
+    def score_epoch(self, metrics: EpochMetrics) -> bool:
+        """After an epoch: test accuracy, held-out validation, best-model bookkeeping.
+
+        Returns True when this epoch is the new best by spec.selection.metric (the caller saves it).
+        """
+        spec = self.spec
+        metrics.test_clean_accuracy = self.test_clean_accuracy()
+        last = self.epoch == spec.optimization.epochs
+        if self.data.val is None or not (self.epoch % spec.selection.every_n_epochs == 0 or last):
+            return False
+        metrics.val = self.validate()
+        if spec.selection.metric is None:
+            return False
+        value = metrics.val[spec.selection.metric]
+        if self.best_metric is not None and value <= self.best_metric:
+            return False
+        self.best_metric, self.best_epoch = value, self.epoch
+        return True
+
     # ------------------------------------------------------------------ checkpoints
 
     def checkpoint_payload(self) -> dict[str, Any]:
@@ -407,16 +426,8 @@ class TrainingRun:
 
         while self.epoch < spec.optimization.epochs:
             metrics = self.train_epoch(progress=spec.runtime.progress)
-            metrics.test_clean_accuracy = self.test_clean_accuracy()
-            if self.data.val is not None and (
-                self.epoch % spec.selection.every_n_epochs == 0 or self.epoch == spec.optimization.epochs
-            ):
-                metrics.val = self.validate()
-                if spec.selection.metric is not None:
-                    value = metrics.val[spec.selection.metric]
-                    if self.best_metric is None or value > self.best_metric:
-                        self.best_metric, self.best_epoch = value, self.epoch
-                        self.save(self.checkpoint_dir / "best.pt")
+            if self.score_epoch(metrics):
+                self.save(self.checkpoint_dir / "best.pt")
             self.history.append(metrics.model_dump(mode="json"))
             with metrics_path.open("a") as f:
                 f.write(metrics.model_dump_json() + "\n")

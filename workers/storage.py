@@ -209,24 +209,13 @@ class LocalStore(ArtifactStore):
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*validate_key(key).split("/"))
 
-    def _write_atomic(self, target: Path, fill: Callable[[io.BufferedWriter], None]) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=_TMP_SUFFIX, dir=target.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                fill(f)
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
     def put_bytes(self, key: str, data: bytes) -> None:
-        self._write_atomic(self._path(key), lambda f: f.write(data))
+        _write_atomic(self._path(key), lambda f: f.write(data))
 
     def put_file(self, key: str, path: str | Path) -> None:
         target = self._path(key)
         with open(path, "rb") as src:
-            self._write_atomic(target, lambda f: shutil.copyfileobj(src, f, 1 << 20))
+            _write_atomic(target, lambda f: shutil.copyfileobj(src, f, 1 << 20))
 
     def get_bytes(self, key: str) -> bytes:
         path = self._path(key)
@@ -311,9 +300,10 @@ class LocalStore(ArtifactStore):
         return pyarrow.fs.LocalFileSystem(), str(self.root)
 
 
-def _download_atomic(target: Path, fill: Callable[[io.BufferedWriter], None]) -> None:
+def _write_atomic(target: Path, fill: Callable[[io.BufferedWriter], None], suffix: str = _TMP_SUFFIX) -> None:
+    """Fill a temporary file beside `target`, then rename it: readers see the old file or the new one."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             fill(f)
@@ -321,6 +311,10 @@ def _download_atomic(target: Path, fill: Callable[[io.BufferedWriter], None]) ->
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _download_atomic(target: Path, fill: Callable[[io.BufferedWriter], None]) -> None:
+    _write_atomic(target, fill, suffix=".part")
 
 
 def _refuse_empty(prefix: str, url: str) -> None:

@@ -110,17 +110,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics = run.train_epoch(progress=False)
             payload_dir = None
             if rank == 0:
-                metrics.test_clean_accuracy = run.test_clean_accuracy()
-                if run.data.val is not None and (
-                    run.epoch % spec.selection.every_n_epochs == 0 or run.epoch == spec.optimization.epochs
-                ):
-                    metrics.val = run.validate()
-                    if spec.selection.metric is not None:
-                        value = metrics.val[spec.selection.metric]
-                        if run.best_metric is None or value > run.best_metric:
-                            run.best_metric, run.best_epoch = value, run.epoch
-                            best = run.save(Path(scratch) / "best.pt")
-                            store.put_file(prefix + "checkpoints/best.pt", best)
+                if run.score_epoch(metrics):
+                    store.put_file(prefix + "checkpoints/best.pt", run.save(Path(scratch) / "best.pt"))
                 metrics.extra["finished_at"] = time.time()  # wall clock: epoch cycle times incl. reporting
                 run.history.append(metrics.model_dump(mode="json"))
                 store.append_line(prefix + "metrics.jsonl", metrics.model_dump_json())
