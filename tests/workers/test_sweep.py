@@ -72,3 +72,13 @@ def test_asha_sweep_writes_table_front_and_plot(s3_env, tmp_path):
     for r in table:
         lines = store.get_bytes(f"{prefix}{r['trial']}/metrics.jsonl").decode().splitlines()
         assert len(lines) == r["epochs"] and all("val" in json.loads(l) for l in lines)
+
+    # the Tune run has a stable name in the store: running the same experiment again restores it
+    # (finished trials are not trained again) instead of starting a second sweep
+    before = {r["trial"]: r for r in table}
+    assert entry.main(["--spec", str(path), "--experiment-id", "sweep4"]) == 0
+    again = {r["trial"]: r for r in store.get_json(prefix + "trials.json")}
+    assert again.keys() == before.keys()
+    for trial, row in again.items():
+        assert row["epochs"] == before[trial]["epochs"]
+        assert row["clean_accuracy"] == before[trial]["clean_accuracy"]
