@@ -56,6 +56,33 @@ def _trainer_cli():
     return cli
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a local checkpoint, or fetch one from the artifact store (LBGAT_* settings) first."""
+    cli = _trainer_cli()
+    if "://" not in args.checkpoint:
+        return cli.eval_command(args)
+    import tempfile
+
+    from workers.storage import StoreError, open_store
+
+    store = open_store()
+    if not args.checkpoint.startswith(store.url.rstrip("/") + "/"):
+        print(
+            f"error: {args.checkpoint} is not in the configured artifact store {store.url}", file=sys.stderr
+        )
+        return 2
+    key = args.checkpoint[len(store.url.rstrip("/")) + 1 :]
+    with tempfile.TemporaryDirectory(prefix="lbgat-eval-") as folder:
+        try:
+            local = store.get_file(key, f"{folder}/checkpoint.pt")
+        except StoreError as exc:
+            print(f"error: cannot fetch {args.checkpoint}: {exc}", file=sys.stderr)
+            return 3
+        return cli.eval_command(
+            argparse.Namespace(**{**vars(args), "checkpoint": str(local), "label": args.checkpoint})
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lbgat", description="LBGAT-family adversarial training: train, evaluate, list presets."
@@ -102,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ev.add_argument("--out", help="write the report JSON here as well")
     ev.add_argument("--json", action="store_true", help="print the report as JSON")
-    ev.set_defaults(func=lambda a: _trainer_cli().eval_command(a))
+    ev.set_defaults(func=_cmd_eval)
 
     presets = sub.add_parser("presets", help="list named presets and the paper table each reproduces")
     presets.add_argument("--json", action="store_true")

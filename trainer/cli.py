@@ -127,14 +127,15 @@ def eval_command(args: argparse.Namespace) -> int:
     model = load_model(args.checkpoint, which=args.which, device=rt.device)
     test = load_datasets(spec).test
     report = evaluate(model, test, suite, spec.threat_model, device=rt.device, progress=True)
-    report = report.model_copy(update={"checkpoint": str(args.checkpoint), "epoch": payload.get("epoch")})
+    label = getattr(args, "label", None) or str(args.checkpoint)  # a store URL when fetched from there
+    report = report.model_copy(update={"checkpoint": label, "epoch": payload.get("epoch")})
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(report.model_dump_json(indent=2))
     if args.json:
         print(json.dumps(report.model_dump(mode="json"), indent=2))
     else:
-        Console().print(report_table(f"{args.checkpoint} ({args.which})", report))
+        Console().print(report_table(f"{label} ({args.which})", report))
     return 0
 
 

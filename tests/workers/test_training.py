@@ -65,6 +65,19 @@ def test_two_workers_write_s3_and_match_single_process(s3_env, tmp_path):
     assert abs(dist_pgd - single_pgd) < 0.1, (dist_pgd, single_pgd)
     assert summary.final.clean_accuracy > 0.8
 
+    # `lbgat eval` takes the checkpoint URL summary.json gives and fetches it from the store
+    from service.cli import main as lbgat
+
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("evaluation: {attacks: [{kind: fgsm}]}\n")
+    out = tmp_path / "report.json"
+    argv = ["eval", summary.last_checkpoint, "--suite", str(suite), "--n-examples", "100", "--out", str(out)]
+    assert lbgat([*argv, "--device", "cpu"]) == 0
+    report = json.loads(out.read_text())
+    assert report["checkpoint"] == summary.last_checkpoint and report["epoch"] == 6
+    assert report["n_examples"] == 100 and report["attacks"][0]["name"] == "fgsm"
+    assert lbgat(["eval", "s3://elsewhere/x.pt"]) == 2
+
 
 def _descendants(root: int) -> set[int]:
     children: dict[int, list[int]] = {}
