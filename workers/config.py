@@ -21,7 +21,6 @@ class WorkerConfig(BaseModel):
     spec: ExperimentSpec
     experiment_id: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
     trial: str = Field("main", pattern=r"^[A-Za-z0-9_.\-]+$")
-    report_to_tune: bool = False
 
     @classmethod
     def from_ray(cls, config: dict[str, Any]) -> WorkerConfig:

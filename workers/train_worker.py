@@ -115,16 +115,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics.extra["finished_at"] = time.time()  # wall clock: epoch cycle times incl. reporting
                 run.history.append(metrics.model_dump(mode="json"))
                 store.append_line(prefix + "metrics.jsonl", metrics.model_dump_json())
-                payload_dir = Path(scratch) / f"epoch_{run.epoch:04d}"
-                payload_dir.mkdir()
-                ckpt.save_checkpoint(payload_dir / STATE_FILE, run.checkpoint_payload())
+                if run.epoch % spec.checkpoint.every_n_epochs == 0 or run.epoch == spec.optimization.epochs:
+                    payload_dir = Path(scratch) / f"epoch_{run.epoch:04d}"
+                    payload_dir.mkdir()
+                    ckpt.save_checkpoint(payload_dir / STATE_FILE, run.checkpoint_payload())
             else:
                 run.history.append(metrics.model_dump(mode="json"))
-            checkpoint = None
-            if payload_dir is not None and (
-                run.epoch % spec.checkpoint.every_n_epochs == 0 or run.epoch == spec.optimization.epochs
-            ):
-                checkpoint = ray.train.Checkpoint.from_directory(str(payload_dir))
+            checkpoint = (
+                None if payload_dir is None else ray.train.Checkpoint.from_directory(str(payload_dir))
+            )
             report = (
                 _epoch_report(metrics.model_dump(mode="json")) if rank == 0 else {"epoch": float(run.epoch)}
             )

@@ -50,7 +50,7 @@ def make_trainer(
     callbacks: Sequence[Any] = (),
 ) -> TorchTrainer:
     filesystem, base = store.pyarrow_filesystem()
-    config = WorkerConfig(spec=spec, experiment_id=experiment_id, trial=trial, report_to_tune=bool(callbacks))
+    config = WorkerConfig(spec=spec, experiment_id=experiment_id, trial=trial)
     run_config = RunConfig(
         name=RAY_RUN_NAME,
         storage_path=f"{base.rstrip('/')}/{experiment_prefix(experiment_id, trial).rstrip('/')}",
