@@ -439,17 +439,51 @@ class TrainingRun:
                 callback(metrics, self)
         last = self.save(self.checkpoint_dir / "last.pt")
 
-        final = EvalReport(clean_accuracy=self.test_clean_accuracy(), n_examples=len(self.data.test))
+        best = self.checkpoint_dir / "best.pt"
+        summary = self.final_summary(
+            best_local=best,
+            last_label=str(last),
+            best_label=str(best),
+            seconds=time.perf_counter() - start,
+            evaluate=evaluate_at_end,
+        )
+        (self.out_dir / "summary.json").write_text(summary.model_dump_json(indent=2))
+        return summary
+
+    def final_summary(
+        self,
+        *,
+        best_local: Path | None,
+        last_label: str,
+        best_label: str | None,
+        seconds: float,
+        evaluate: bool = True,
+        **provenance_extra: Any,
+    ) -> TrainSummary:
+        """Evaluate the final model and the best checkpoint (at `best_local`) with the spec's suite.
+
+        The labels say where the checkpoints live for readers of the summary (a local path, or a
+        store URL on Ray); `evaluate=False` records clean test accuracy only.
+        """
+        spec = self.spec
+        if evaluate:
+            final = self.evaluate_checkpoint(self.robust, checkpoint=last_label, epoch=self.epoch)
+        else:
+            final = EvalReport(clean_accuracy=self.test_clean_accuracy(), n_examples=len(self.data.test))
         best_report = None
-        if evaluate_at_end:
-            final = self.evaluate_checkpoint(self.robust, checkpoint=str(last), epoch=self.epoch)
-            best_path = self.checkpoint_dir / "best.pt"
-            if spec.evaluation.on_best and self.best_epoch is not None and best_path.exists():
-                best_model = ckpt.load_model(best_path, device=self.rt.device)
-                best_report = self.evaluate_checkpoint(
-                    best_model, checkpoint=str(best_path), epoch=self.best_epoch
-                )
-        summary = TrainSummary(
+        has_best = self.best_epoch is not None
+        if (
+            evaluate
+            and spec.evaluation.on_best
+            and has_best
+            and best_local is not None
+            and best_local.exists()
+        ):
+            best_model = ckpt.load_model(best_local, device=self.rt.device)
+            best_report = self.evaluate_checkpoint(
+                best_model, checkpoint=best_label or str(best_local), epoch=self.best_epoch
+            )
+        return TrainSummary(
             name=spec.name,
             method=spec.method.name,
             dataset=spec.dataset.name,
@@ -458,14 +492,12 @@ class TrainingRun:
             best=best_report,
             best_epoch=self.best_epoch,
             best_metric=self.best_metric,
-            last_checkpoint=str(last),
-            best_checkpoint=str(self.checkpoint_dir / "best.pt") if self.best_epoch is not None else None,
-            seconds=time.perf_counter() - start,
+            last_checkpoint=last_label,
+            best_checkpoint=best_label if has_best else None,
+            seconds=seconds,
             spec=spec.model_dump(mode="json"),
-            provenance=provenance(self.rt.device),
+            provenance={**provenance(self.rt.device), **provenance_extra},
         )
-        (self.out_dir / "summary.json").write_text(summary.model_dump_json(indent=2))
-        return summary
 
     def evaluate_checkpoint(self, model: nn.Module, *, checkpoint: str, epoch: int) -> EvalReport:
         report = evaluate(

@@ -23,10 +23,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from api_schemas import TrainSummary
 from trainer import checkpoint as ckpt
 from trainer.loop import TrainingRun
-from trainer.provenance import provenance
 from workers.config import WorkerConfig
 from workers.storage import ArtifactStore, experiment_prefix, open_store
 
@@ -141,43 +139,18 @@ def _finish(
     run: TrainingRun, store: ArtifactStore, prefix: str, scratch: Path, seconds: float, cfg: WorkerConfig
 ) -> None:
     """Rank 0 alone: evaluate the final and the best model with the spec's suite; write summary.json."""
-    spec = run.spec
-    last = run.save(scratch / "last.pt")
-    store.put_file(prefix + "checkpoints/last.pt", last)
-    final = run.evaluate_checkpoint(
-        run.robust, checkpoint=store.url + "/" + prefix + "checkpoints/last.pt", epoch=run.epoch
-    )
-    best_report = None
-    if (
-        spec.evaluation.on_best
-        and run.best_epoch is not None
-        and store.exists(prefix + "checkpoints/best.pt")
-    ):
-        best_path = store.get_file(prefix + "checkpoints/best.pt", scratch / "best_eval.pt")
-        best_model = ckpt.load_model(best_path, device=run.rt.device)
-        best_report = run.evaluate_checkpoint(
-            best_model, checkpoint=store.url + "/" + prefix + "checkpoints/best.pt", epoch=run.best_epoch
-        )
-    summary = TrainSummary(
-        name=spec.name,
-        method=spec.method.name,
-        dataset=spec.dataset.name,
-        epochs=run.epoch,
-        final=final,
-        best=best_report,
-        best_epoch=run.best_epoch,
-        best_metric=run.best_metric,
-        last_checkpoint=store.url + "/" + prefix + "checkpoints/last.pt",
-        best_checkpoint=(store.url + "/" + prefix + "checkpoints/best.pt")
-        if run.best_epoch is not None
-        else None,
+    store.put_file(prefix + "checkpoints/last.pt", run.save(scratch / "last.pt"))
+    best_key = prefix + "checkpoints/best.pt"
+    best_local = scratch / "best.pt"
+    if run.best_epoch is not None and not best_local.exists() and store.exists(best_key):
+        store.get_file(best_key, best_local)  # saved before a restart, in an earlier scratch folder
+    summary = run.final_summary(
+        best_local=best_local,
+        last_label=f"{store.url}/{prefix}checkpoints/last.pt",
+        best_label=f"{store.url}/{best_key}",
         seconds=seconds,
-        spec=spec.model_dump(mode="json"),
-        provenance={
-            **provenance(run.rt.device),
-            "world_size": run.world_size,
-            "experiment_id": cfg.experiment_id,
-        },
+        world_size=run.world_size,
+        experiment_id=cfg.experiment_id,
     )
     store.put_json(prefix + "summary.json", summary.model_dump(mode="json"))
     log.info(
