@@ -80,6 +80,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import describe_device, resolve_device
 
 from api_schemas.presets import get_preset
 from api_schemas.spec import ExperimentSpec
@@ -501,21 +502,6 @@ def print_upload(r: UploadResult) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- main
-
-
-def describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({os.cpu_count()} cores)"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no GPU is visible")
-    return device
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

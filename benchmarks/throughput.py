@@ -83,6 +83,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _common import describe_device, resolve_device
 from torch import Tensor, nn
 
 from api_schemas.presets import get_preset
@@ -574,7 +575,7 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> Case
         extra["alpha"] = spec.method.alpha
     return CaseResult(
         case=case.name,
-        device=_device_name(device),
+        device=describe_device(device),
         small=args.small,
         robust=robust_label,
         teacher=teacher_label,
@@ -593,12 +594,6 @@ def run_case(case: Case, args: argparse.Namespace, device: torch.device) -> Case
         steps=args.steps,
         extra=extra,
     )
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
 
 
 def print_case(r: CaseResult) -> None:
@@ -677,15 +672,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="also print the results as one JSON object")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     return p.parse_args(argv)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no GPU is visible")
-    return device
 
 
 def main(argv: list[str] | None = None) -> list[CaseResult]:
