@@ -4,7 +4,7 @@
 # pulls the newest CUDA build (GBs). LBGAT_TORCH overrides the requirement (e.g. "torch" on a GPU box).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${1:-trainer,workers,dev}"
+extras="${1:-trainer,workers,service,dev}"
 python3 -m venv .venv >/dev/null 2>&1 || true
 # shellcheck disable=SC1091
 . .venv/bin/activate

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Install (trainer + workers + dev extras), lint, and run the whole test suite.
+# Install (trainer + workers + service + dev extras), lint, and run the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/bootstrap.sh trainer,workers,dev
+bash scripts/bootstrap.sh trainer,workers,service,dev
 . .venv/bin/activate
 ruff check .
 ruff format --check .

@@ -1,0 +1,213 @@
+"""The control plane's REST contract: jobs (experiments), their states, users, tokens, results.
+
+Shared by the service (responses), the Python client and the CLI (parsing), so that all three agree
+on one definition. Only pydantic here: the CLI loads without the service's dependencies.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class JobState(str, Enum):
+    """`queued -> dispatching -> running -> succeeded | failed | cancelled`; `retrying` after a failed attempt."""
+
+    queued = "queued"
+    dispatching = "dispatching"
+    running = "running"
+    retrying = "retrying"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+    @property
+    def active(self) -> bool:
+        """Holds (or is about to hold) a Ray job and cluster resources."""
+        return self in (JobState.dispatching, JobState.running)
+
+
+TERMINAL_STATES = frozenset({JobState.succeeded, JobState.failed, JobState.cancelled})
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+# -- experiments -------------------------------------------------------------------------------------
+
+
+class ExperimentCreate(BaseModel):
+    """POST /v1/experiments (JSON). A YAML upload sends the spec alone as the body, options as query."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    spec: dict[str, Any] = Field(description="an ExperimentSpec (validated; errors name the field path)")
+    priority: int = Field(0, ge=-100, le=100, description="higher runs first; fair share breaks ties")
+    max_attempts: int | None = Field(
+        None, ge=1, le=20, description="Ray job attempts before `failed` (default: the service setting)"
+    )
+    tags: list[str] = Field(default_factory=list, max_length=16)
+
+
+class QueueInfo(_Out):
+    """Why a queued job waits, and where it stands."""
+
+    position: int = Field(description="1 = next to be considered")
+    reason: str
+
+
+class StateChange(_Out):
+    from_state: JobState | None
+    to_state: JobState
+    at: datetime
+    reason: str | None = None
+
+
+class TrialOut(_Out):
+    name: str
+    state: str | None = None
+    latest_metrics: dict[str, Any] | None = None
+    summary: dict[str, Any] | None = None
+
+
+class ResultRow(_Out):
+    """One row of the leaderboard: the final (or best) model of a finished experiment."""
+
+    experiment_id: str
+    name: str
+    owner: str
+    team: str
+    method: str
+    dataset: str
+    norm: str
+    eps: float
+    model: str | None = None
+    clean_accuracy: float | None = None
+    robust_accuracy: float | None = Field(None, description="lowest accuracy over the suite's attacks")
+    autoattack_accuracy: float | None = None
+    nrr: float | None = None
+    attacks: dict[str, float] = Field(default_factory=dict, description="accuracy under each attack")
+    finished_at: datetime | None = None
+
+
+class ExperimentOut(_Out):
+    id: str
+    name: str
+    owner: str
+    team: str
+    state: JobState
+    priority: int
+    method: str
+    dataset: str
+    norm: str
+    eps: float
+    gpus: float
+    cpus: float
+    is_sweep: bool
+    tags: list[str] = Field(default_factory=list)
+    attempts: int
+    max_attempts: int
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: str | None = None
+    ray_job_id: str | None = None
+    dashboard_url: str | None = None
+    queue: QueueInfo | None = None
+    latest_metrics: dict[str, Any] | None = None
+
+
+class ExperimentDetail(ExperimentOut):
+    spec: dict[str, Any]
+    history: list[StateChange] = Field(default_factory=list)
+    trials: list[TrialOut] = Field(default_factory=list)
+    metrics: list[dict[str, Any]] = Field(default_factory=list, description="metrics.jsonl rows (main trial)")
+    results: ResultRow | None = None
+
+
+class ExperimentPage(_Out):
+    items: list[ExperimentOut]
+    next_cursor: str | None = Field(None, description="pass as ?cursor= for the next page; null at the end")
+
+
+class ArtifactOut(_Out):
+    path: str = Field(description="relative to the experiment's prefix, e.g. main/checkpoints/last.pt")
+    size: int
+    modified: datetime | None = None
+
+
+class ArtifactLink(_Out):
+    path: str
+    url: str
+    expires_in_s: int
+
+
+class Comparison(_Out):
+    rows: list[ResultRow]
+    attacks: list[str] = Field(description="attack names present in any row, in a stable order")
+
+
+# -- users -------------------------------------------------------------------------------------------
+
+
+class UserCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._-]*$")
+    team: str = Field("default", min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._-]*$")
+    is_admin: bool = False
+    max_running_jobs: int | None = Field(None, ge=0, description="default: the service setting")
+    max_gpus: float | None = Field(None, ge=0, description="default: the service setting")
+
+
+class UserOut(_Out):
+    name: str
+    team: str
+    is_admin: bool
+    max_running_jobs: int | None = None
+    max_gpus: float | None = None
+    created_at: datetime
+
+
+class TokenCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    label: str = Field("cli", max_length=64)
+
+
+class TokenOut(_Out):
+    """A new API token. `token` is shown once; the service keeps only its hash."""
+
+    id: int
+    user: str
+    label: str
+    token: str
+    prefix: str
+
+
+class CreatedUser(_Out):
+    user: UserOut
+    token: TokenOut
+
+
+# -- service -----------------------------------------------------------------------------------------
+
+
+class Readiness(_Out):
+    ready: bool
+    checks: dict[str, str] = Field(description="component -> 'ok' or the reason it is not")
+
+
+class ErrorDetail(_Out):
+    """Body of every 4xx/5xx answer: `detail` for people, `errors` (field paths) for a 422."""
+
+    detail: str
+    errors: list[dict[str, Any]] = Field(default_factory=list)

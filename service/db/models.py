@@ -1,0 +1,188 @@
+"""Tables of the control plane: teams, users, API tokens, experiments (the job queue), trials, events.
+
+Schema changes go through Alembic (service/db/migrations); `metadata` here is what the first
+revision creates and what `alembic check` compares against.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores naive values)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(timezone.utc)
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+# Stable constraint names, so that migrations can refer to them on every backend.
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: UTCDateTime}  # noqa: RUF012
+
+
+class Team(Base):
+    __tablename__ = "teams"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    team_id: Mapped[int] = mapped_column(ForeignKey("teams.id"), index=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    max_running_jobs: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_gpus: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    team: Mapped[Team] = relationship(lazy="joined")
+
+
+class ApiToken(Base):
+    """Only the SHA-256 of a token is kept: tokens are 256-bit random strings, so a fast hash suffices."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    label: Mapped[str] = mapped_column(String(64), default="cli")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+    user: Mapped[User] = relationship(lazy="joined")
+
+
+class Experiment(Base):
+    """One submitted spec: a job of the queue, its Ray attempts, its results."""
+
+    __tablename__ = "experiments"
+    __table_args__ = (
+        UniqueConstraint("owner_id", "idempotency_key", name="uq_experiments_owner_idempotency"),
+        Index("ix_experiments_queue", "state", "priority", "created_at"),
+        Index("ix_experiments_owner_state", "owner_id", "state"),
+        Index("ix_experiments_created", "created_at", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    team_id: Mapped[int] = mapped_column(ForeignKey("teams.id"), index=True)
+    state: Mapped[str] = mapped_column(String(16))
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    tags: Mapped[list[Any]] = mapped_column(default=list)
+
+    method: Mapped[str] = mapped_column(String(32), index=True)
+    dataset: Mapped[str] = mapped_column(String(32), index=True)
+    norm: Mapped[str] = mapped_column(String(8))
+    eps: Mapped[float] = mapped_column(Float)
+    model: Mapped[str] = mapped_column(String(64))
+    is_sweep: Mapped[bool] = mapped_column(Boolean, default=False)
+    gpus: Mapped[float] = mapped_column(Float, default=0.0, doc="GPUs the job holds while it runs")
+    cpus: Mapped[float] = mapped_column(Float, default=1.0)
+    charge_rate: Mapped[float] = mapped_column(Float, doc="GPU-equivalents charged per second of running")
+    spec: Mapped[dict[str, Any]] = mapped_column()
+    spec_hash: Mapped[str] = mapped_column(String(64))
+    idempotency_key: Mapped[str | None] = mapped_column(String(128), nullable=True)
+
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=2)
+    ray_job_id: Mapped[str | None] = mapped_column(String(96), nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    wait_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    queue_position: Mapped[int | None] = mapped_column(Integer, nullable=True)
+
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    dispatched_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0, doc="charged GPU-seconds of past attempts")
+
+    latest_metrics: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
+    results: Mapped[dict[str, Any] | None] = mapped_column(nullable=True, doc="a ResultRow, when finished")
+    clean_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
+    robust_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
+    autoattack_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    owner: Mapped[User] = relationship(lazy="joined", foreign_keys=[owner_id])
+    team: Mapped[Team] = relationship(lazy="joined", foreign_keys=[team_id])
+
+
+class Trial(Base):
+    """A Ray Train run of an experiment: `main`, or one trial of a sweep."""
+
+    __tablename__ = "trials"
+    __table_args__ = (UniqueConstraint("experiment_id", "name", name="uq_trials_experiment_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    experiment_id: Mapped[str] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(128))
+    state: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    metrics_lines: Mapped[int] = mapped_column(Integer, default=0, doc="metrics.jsonl lines ingested")
+    latest_metrics: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
+    summary: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
+
+
+class Event(Base):
+    """Append-only log of state changes and metric rows: the state history and the SSE stream's source."""
+
+    __tablename__ = "events"
+    __table_args__ = (Index("ix_events_experiment_id_id", "experiment_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    experiment_id: Mapped[str] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(16), doc="'state' or 'metric'")
+    trial: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    data: Mapped[dict[str, Any]] = mapped_column()
+    at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,97 @@
+"""The control plane's settings, read from `LBGAT_*` environment variables (or `.env`).
+
+The artifact store's settings (LBGAT_ARTIFACT_STORE, LBGAT_S3_*) are `workers.settings.StoreSettings`,
+shared with the Ray workers; this class holds what only the service uses.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from workers.settings import ENV_PREFIX
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # -- storage of the queue ------------------------------------------------------------------------
+    database_url: str = Field(
+        "sqlite:///.lbgat/lbgat.db",
+        description="SQLAlchemy URL: sqlite:///path (WAL mode) or postgresql+psycopg://user@host/db",
+    )
+    database_pool_size: int = Field(10, ge=1, description="connections per service replica (PostgreSQL)")
+
+    # -- Ray -----------------------------------------------------------------------------------------
+    ray_address: str | None = Field(
+        None,
+        description="Ray dashboard/Job API address, e.g. http://ray-head:8265. "
+        "Unset: `lbgat serve` starts a local Ray and uses its dashboard.",
+    )
+    ray_dashboard_url: str | None = Field(
+        None, description="dashboard address users' browsers reach (default: ray_address)"
+    )
+    worker_python: str = Field(
+        "python", description="the Python the Ray job entrypoint runs (`<worker_python> -m workers.run`)"
+    )
+    pass_store_credentials: bool = Field(
+        True,
+        description="hand the store's keys to Ray jobs in their runtime env. Turn off when the Ray nodes "
+        "have LBGAT_S3_* in their own environment (compose / Kubernetes secrets): the Ray dashboard "
+        "shows a job's runtime env to everyone who can open it.",
+    )
+
+    # -- scheduler -----------------------------------------------------------------------------------
+    scheduler_enabled: bool = Field(True, description="run the dispatcher in this process")
+    max_running_jobs: int = Field(4, ge=0, description="Ray jobs running at once, all users together")
+    user_max_running_jobs: int = Field(2, ge=0, description="default per-user limit on running jobs")
+    user_max_gpus: float = Field(8, ge=0, description="default per-user limit on GPUs held at once")
+    default_max_attempts: int = Field(2, ge=1, le=20, description="Ray job attempts before `failed`")
+    poll_interval_s: float = Field(1.0, gt=0, description="pause between scheduler rounds")
+    fair_share_window_h: float = Field(
+        168.0, gt=0, description="GPU-hours older than this no longer count against a user (hours)"
+    )
+    fair_share_quantum_h: float = Field(
+        1.0,
+        ge=0,
+        description="GPU-hours charged in advance for each job a user has running, so that free slots "
+        "alternate between users whose finished usage is equal",
+    )
+    cpu_gpu_equivalent: float = Field(
+        0.125, ge=0, description="GPU-hours charged per CPU-hour for jobs that use no GPU"
+    )
+
+    # -- API -----------------------------------------------------------------------------------------
+    admin_token: SecretStr | None = Field(
+        None, description="if set, an admin user `admin` with this token exists at start (bootstrap)"
+    )
+    max_spec_bytes: int = Field(256 * 1024, ge=1024, description="largest accepted request body")
+    max_page_size: int = Field(200, ge=1, description="largest `limit` of a list request")
+    presign_expiry_s: int = Field(900, ge=60, le=7 * 24 * 3600)
+    cors_origins: list[str] = Field(default_factory=list)
+
+    @field_validator("ray_address", "ray_dashboard_url", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def dashboard_base(self) -> str | None:
+        base = self.ray_dashboard_url or self.ray_address
+        if base and "://" not in base:
+            base = "http://" + base
+        return base.rstrip("/") if base else None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> ServiceSettings:
+    return ServiceSettings()
