@@ -150,11 +150,12 @@ def create_experiment(
         tags=list(tags or []),
         method=spec.method.name,
         dataset=spec.dataset.name,
-        norm=spec.threat.norm,
-        eps=float(spec.threat.eps),
+        norm=spec.threat_model.norm,
+        eps=float(spec.threat_model.eps),
         model=spec.model.robust.name,
         is_sweep=spec.sweep is not None,
         gpus=gpus,
+        gpu_optional=spec.resources.use_gpu is None,
         cpus=cpus,
         charge_rate=charge,
         spec=data,
@@ -166,6 +167,7 @@ def create_experiment(
         updated_at=now,
     )
     session.add(exp)
+    session.flush()  # the experiment row before its first event (foreign key)
     session.add(
         Event(
             experiment_id=exp.id, kind="state", data=_state_data(None, JobState.queued, "submitted"), at=now

@@ -38,6 +38,10 @@ class ServiceSettings(BaseSettings):
     worker_python: str = Field(
         "python", description="the Python the Ray job entrypoint runs (`<worker_python> -m workers.run`)"
     )
+    worker_entrypoint: str = Field(
+        "{python} -m workers.run --job-id {job_id}",
+        description="the Ray job's command; {python} is worker_python, {job_id} the experiment id",
+    )
     pass_store_credentials: bool = Field(
         True,
         description="hand the store's keys to Ray jobs in their runtime env. Turn off when the Ray nodes "
@@ -52,6 +56,10 @@ class ServiceSettings(BaseSettings):
     user_max_gpus: float = Field(8, ge=0, description="default per-user limit on GPUs held at once")
     default_max_attempts: int = Field(2, ge=1, le=20, description="Ray job attempts before `failed`")
     poll_interval_s: float = Field(1.0, gt=0, description="pause between scheduler rounds")
+    metrics_interval_s: float = Field(2.0, gt=0, description="how often running jobs' metrics are read")
+    lost_job_grace_s: float = Field(
+        30.0, gt=0, description="a dispatched job Ray does not know after this long is submitted again"
+    )
     fair_share_window_h: float = Field(
         168.0, gt=0, description="GPU-hours older than this no longer count against a user (hours)"
     )

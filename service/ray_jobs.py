@@ -1,0 +1,205 @@
+"""The service's only door to Ray: the Job Submission API (HTTP to the dashboard), nothing else.
+
+The control plane never joins the cluster as a driver (that would cost the head a worker and the
+service hundreds of MB); it submits, polls, stops and reads logs over the dashboard's REST API, and
+reads the cluster's resources from the state API. Ray's token auth (RAY_AUTH_MODE=token,
+RAY_AUTH_TOKEN or ~/.ray/auth_token) is handled by Ray's own client.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("service.ray")
+
+
+class RayUnavailable(RuntimeError):
+    """Ray's dashboard cannot be reached or refused the request; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Capacity:
+    gpus: float
+    cpus: float
+    nodes: int
+
+
+@dataclass(frozen=True)
+class RayJobState:
+    status: str  # PENDING | RUNNING | STOPPED | SUCCEEDED | FAILED
+    message: str | None
+    start_time_ms: int | None
+    end_time_ms: int | None
+    exit_code: int | None
+
+
+class RayJobs:
+    def __init__(self, address: str) -> None:
+        self.address = address if "://" in address else f"http://{address}"
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"RayJobs({self.address!r})"
+
+    def _get(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                from ray.job_submission import JobSubmissionClient
+
+                try:
+                    self._client = JobSubmissionClient(self.address)
+                except Exception as exc:
+                    raise RayUnavailable(f"Ray dashboard at {self.address} is not reachable: {exc}") from exc
+            return self._client
+
+    def _call(self, what: str, fn: Any) -> Any:
+        client = self._get()
+        try:
+            return fn(client)
+        except RayUnavailable:
+            raise
+        except (ConnectionError, OSError) as exc:
+            with self._lock:
+                self._client = None  # reconnect next time (the head may have restarted)
+            raise RayUnavailable(f"Ray dashboard at {self.address}: {what} failed: {exc}") from exc
+        except Exception as exc:
+            if _is_connection_error(exc):
+                with self._lock:
+                    self._client = None
+                raise RayUnavailable(f"Ray dashboard at {self.address}: {what} failed: {exc}") from exc
+            raise
+
+    # -- jobs ----------------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        *,
+        submission_id: str,
+        entrypoint: str,
+        env_vars: dict[str, str],
+        metadata: dict[str, str],
+    ) -> str:
+        """Submit once under a fixed id: submitting an id Ray already has is not an error (it means an
+        earlier attempt of ours got through before the service stopped), so dispatch is idempotent."""
+
+        def go(client: Any) -> str:
+            try:
+                return client.submit_job(
+                    entrypoint=entrypoint,
+                    submission_id=submission_id,
+                    runtime_env={"env_vars": env_vars},
+                    metadata=metadata,
+                    entrypoint_num_cpus=0,
+                )
+            except RuntimeError as exc:
+                if "already exists" in str(exc):
+                    return submission_id
+                raise
+
+        return self._call(f"submitting {submission_id}", go)
+
+    def state(self, submission_id: str) -> RayJobState | None:
+        """The job's state, or None when Ray has no job with that id."""
+
+        def go(client: Any) -> RayJobState | None:
+            try:
+                info = client.get_job_info(submission_id)
+            except RuntimeError as exc:
+                if "does not exist" in str(exc) or "404" in str(exc):
+                    return None
+                raise
+            return RayJobState(
+                status=str(getattr(info.status, "value", info.status)),
+                message=info.message,
+                start_time_ms=info.start_time,
+                end_time_ms=info.end_time,
+                exit_code=getattr(info, "driver_exit_code", None),
+            )
+
+        return self._call(f"reading {submission_id}", go)
+
+    def stop(self, submission_id: str) -> bool:
+        def go(client: Any) -> bool:
+            try:
+                return bool(client.stop_job(submission_id))
+            except RuntimeError as exc:
+                if "does not exist" in str(exc):
+                    return False
+                raise
+
+        return self._call(f"stopping {submission_id}", go)
+
+    def logs(self, submission_id: str) -> str:
+        def go(client: Any) -> str:
+            try:
+                return client.get_job_logs(submission_id)
+            except RuntimeError as exc:
+                if "does not exist" in str(exc):
+                    return ""
+                raise
+
+        return self._call(f"reading the logs of {submission_id}", go)
+
+    async def tail_logs(self, submission_id: str) -> AsyncIterator[str]:
+        client = self._get()
+        try:
+            async for chunk in client.tail_job_logs(submission_id):
+                yield chunk
+        except Exception as exc:
+            if _is_connection_error(exc):
+                raise RayUnavailable(
+                    f"Ray dashboard at {self.address}: following logs failed: {exc}"
+                ) from exc
+            raise
+
+    # -- cluster -------------------------------------------------------------------------------------
+
+    def capacity(self) -> Capacity:
+        """GPUs and CPUs of the cluster's live nodes (the state API's /api/v0/nodes)."""
+
+        def go(client: Any) -> Capacity:
+            response = client._do_request("GET", "/api/v0/nodes?limit=10000&detail=true")
+            if response.status_code != 200:
+                raise RayUnavailable(
+                    f"Ray dashboard at {self.address}: listing nodes answered {response.status_code}"
+                )
+            nodes = response.json()["data"]["result"]["result"]
+            alive = [n for n in nodes if n.get("state") == "ALIVE"]
+            gpus = sum(float(n.get("resources_total", {}).get("GPU", 0)) for n in alive)
+            cpus = sum(float(n.get("resources_total", {}).get("CPU", 0)) for n in alive)
+            return Capacity(gpus=gpus, cpus=cpus, nodes=len(alive))
+
+        return self._call("listing nodes", go)
+
+    def check(self) -> None:
+        self.capacity()
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    names = {type(e).__name__ for e in _chain(exc)}
+    return bool(
+        names
+        & {
+            "ConnectionError",
+            "ConnectTimeout",
+            "ReadTimeout",
+            "ClientConnectorError",
+            "MaxRetryError",
+            "NewConnectionError",
+            "ConnectionRefusedError",
+        }
+    )
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    out = []
+    seen: BaseException | None = exc
+    while seen is not None and len(out) < 10:
+        out.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    return out

@@ -1,0 +1,643 @@
+"""The queue's scheduler: which waiting job runs next, and the loop that dispatches and reconciles.
+
+`plan()` is the policy, a pure function (tested on its own):
+
+1. Priority first (higher runs first).
+2. Fair share among equal priorities: the team with the fewest GPU-hours in the window, then the
+   user with the fewest. A job that is running is charged `fair_share_quantum_h` hours in advance
+   (per GPU-equivalent), so with equal history free slots alternate between users instead of going
+   to whoever submitted first.
+3. FIFO (submission time) within equal standing.
+
+A job is admitted when a Ray job slot is free (LBGAT_MAX_RUNNING_JOBS), its owner is under their
+running-jobs and GPU limits, and the cluster's free GPUs/CPUs (Ray's live nodes minus what our
+dispatched jobs hold) cover what it asks for. A job waiting for cluster capacity holds its place:
+later jobs are not dispatched past it (no backfill), so large jobs are not starved by small ones.
+Jobs blocked by their owner's own limits, or asking for more than the whole cluster has, do not
+hold up anyone else. Every waiting job gets a position and a reason.
+
+`Scheduler` runs rounds in a thread: reconcile dispatched jobs with Ray (state, cancellation, retries,
+lost submissions), ingest metrics and results from the artifact store, then plan and dispatch. With
+PostgreSQL several replicas may run it: a round takes a transaction-scoped advisory lock and claims
+rows with FOR UPDATE SKIP LOCKED, and every state change is a conditional UPDATE, so no job is
+dispatched twice. Ray submissions use a fixed id per attempt (`<experiment>-a<attempt>`), so a
+submission repeated after a crash is recognised, not duplicated.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from api_schemas.jobs import JobState
+from service import ingest
+from service.db.engine import run_tx
+from service.db.models import Experiment, User, utcnow
+from service.jobs import ACTIVE_STATES, WAITING_STATES, transition, usage_gpu_hours
+from service.ray_jobs import Capacity, RayJobs, RayUnavailable
+from service.settings import ServiceSettings
+from workers.settings import StoreSettings, env_name
+from workers.storage import ArtifactStore, StoreError, experiment_prefix
+
+log = logging.getLogger("service.scheduler")
+
+_ROUND_LOCK = 7_420_002  # pg advisory lock key of "lbgat scheduling round"
+
+
+# -- policy ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    id: str
+    owner_id: int
+    team_id: int
+    priority: int
+    created_at: datetime
+    gpus: float
+    cpus: float
+    gpu_optional: bool = False
+    charge_rate: float = 1.0
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A dispatched or running job: what it holds."""
+
+    owner_id: int
+    team_id: int
+    gpus: float
+    cpus: float
+    charge_rate: float
+
+
+@dataclass(frozen=True)
+class UserLimits:
+    name: str
+    max_running_jobs: int
+    max_gpus: float
+
+
+@dataclass
+class Plan:
+    dispatch: list[Candidate] = field(default_factory=list)
+    waiting: dict[str, tuple[int, str]] = field(default_factory=dict)
+
+
+def effective_gpus(job: Candidate, capacity: Capacity | None) -> float:
+    """GPUs the job will take: none where it may run on CPUs and the cluster has no GPU."""
+    if job.gpu_optional and capacity is not None and capacity.gpus == 0:
+        return 0.0
+    return job.gpus
+
+
+def plan(
+    candidates: Iterable[Candidate],
+    active: Iterable[Holder],
+    *,
+    capacity: Capacity | None,
+    max_running: int,
+    limits: dict[int, UserLimits],
+    user_usage: dict[int, float],
+    team_usage: dict[int, float],
+    quantum_h: float,
+    capacity_error: str | None = None,
+) -> Plan:
+    active = list(active)
+    queues: dict[int, list[Candidate]] = {}
+    for job in sorted(candidates, key=lambda j: (-j.priority, j.created_at, j.id)):
+        queues.setdefault(job.owner_id, []).append(job)
+    for q in queues.values():
+        q.reverse()  # pop() from the end takes the user's best job
+
+    eff_user = dict(user_usage)
+    eff_team = dict(team_usage)
+    running: dict[int, int] = {}
+    held_gpus: dict[int, float] = {}
+    used_gpus = used_cpus = 0.0
+    for h in active:
+        eff_user[h.owner_id] = eff_user.get(h.owner_id, 0.0) + quantum_h * h.charge_rate
+        eff_team[h.team_id] = eff_team.get(h.team_id, 0.0) + quantum_h * h.charge_rate
+        running[h.owner_id] = running.get(h.owner_id, 0) + 1
+        held_gpus[h.owner_id] = held_gpus.get(h.owner_id, 0.0) + h.gpus
+        used_gpus += h.gpus
+        used_cpus += h.cpus
+    slots = max_running - len(active)
+    free_gpus = (capacity.gpus - used_gpus) if capacity else 0.0
+    free_cpus = (capacity.cpus - used_cpus) if capacity else 0.0
+
+    # Lazy-update heap over each user's best job: usage only grows, so an entry whose key was computed
+    # before its user's or team's usage changed can only be too optimistic; it is re-keyed when popped.
+    version: dict[tuple[str, int], int] = {}
+
+    def key(job: Candidate) -> tuple:
+        return (
+            -job.priority,
+            eff_team.get(job.team_id, 0.0),
+            eff_user.get(job.owner_id, 0.0),
+            job.created_at,
+            job.id,
+        )
+
+    def stamp(job: Candidate) -> tuple[int, int]:
+        return version.get(("t", job.team_id), 0), version.get(("u", job.owner_id), 0)
+
+    heap = [(key(q[-1]), stamp(q[-1]), owner) for owner, q in queues.items()]
+    heapq.heapify(heap)
+    result = Plan()
+    position = 0
+    blocked_by: str | None = None
+    while heap:
+        _, entry_stamp, owner = heapq.heappop(heap)
+        job = queues[owner][-1]
+        if entry_stamp != stamp(job):
+            heapq.heappush(heap, (key(job), stamp(job), owner))
+            continue
+        queues[owner].pop()
+        if queues[owner]:
+            nxt = queues[owner][-1]
+            heapq.heappush(heap, (key(nxt), stamp(nxt), owner))
+
+        lim = limits.get(owner) or UserLimits(str(owner), max_running, float("inf"))
+        gpus = effective_gpus(job, capacity)
+        reason: str | None = None
+        waits_in_line = False  # blocked only by what frees up as jobs finish (slots, capacity)
+        if capacity is None:
+            reason = f"Ray is not reachable ({capacity_error or 'no cluster configured'}); waiting for it"
+        elif gpus > capacity.gpus:
+            reason = f"asks for {gpus:g} GPUs; the cluster has {capacity.gpus:g} (waits for nodes to join)"
+        elif job.cpus > capacity.cpus:
+            reason = (
+                f"asks for {job.cpus:g} CPUs; the cluster has {capacity.cpus:g} (waits for nodes to join)"
+            )
+        elif running.get(owner, 0) >= lim.max_running_jobs:
+            reason = f"{lim.name} has {running.get(owner, 0)} running jobs (limit {lim.max_running_jobs})"
+        elif gpus > 0 and held_gpus.get(owner, 0.0) + gpus > lim.max_gpus:
+            reason = f"{lim.name} holds {held_gpus.get(owner, 0.0):g} GPUs; +{gpus:g} exceeds the limit {lim.max_gpus:g}"
+        elif slots <= 0:
+            reason = f"all {max_running} Ray job slots are busy (LBGAT_MAX_RUNNING_JOBS={max_running})"
+            waits_in_line = True
+        elif blocked_by is not None:
+            reason = f"behind {blocked_by}, which waits for cluster capacity"
+            waits_in_line = True
+        elif gpus > free_gpus + 1e-9 or job.cpus > free_cpus + 1e-9:
+            waits_in_line = True
+            reason = (
+                f"waits for {gpus:g} GPUs and {job.cpus:g} CPUs; {max(free_gpus, 0):g} GPUs and "
+                f"{max(free_cpus, 0):g} CPUs are free"
+            )
+            blocked_by = job.id
+        if reason is not None:
+            position += 1
+            result.waiting[job.id] = (position, reason)
+            if not waits_in_line:
+                continue
+        else:
+            result.dispatch.append(job)
+            slots -= 1
+            free_gpus -= gpus
+            free_cpus -= job.cpus
+            running[owner] = running.get(owner, 0) + 1
+            held_gpus[owner] = held_gpus.get(owner, 0.0) + gpus
+        # Charge the job's quantum to its user and team: a dispatched job for real, a job that only
+        # waits for a slot or capacity as if it were running, so that the positions shown are the
+        # order in which the slots will go (alternating between users of equal standing).
+        charge = gpus if gpus > 0 else job.charge_rate
+        eff_user[owner] = eff_user.get(owner, 0.0) + quantum_h * charge
+        eff_team[job.team_id] = eff_team.get(job.team_id, 0.0) + quantum_h * charge
+        version[("u", owner)] = version.get(("u", owner), 0) + 1
+        version[("t", job.team_id)] = version.get(("t", job.team_id), 0) + 1
+    return result
+
+
+# -- the loop ----------------------------------------------------------------------------------------
+
+
+RAY_ACTIVE = {"PENDING", "RUNNING"}
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        sessions: sessionmaker[Session],
+        settings: ServiceSettings,
+        store: ArtifactStore,
+        ray: RayJobs | None,
+        store_settings: StoreSettings | None = None,
+    ) -> None:
+        self.sessions = sessions
+        self.settings = settings
+        self.store = store
+        self.ray = ray
+        self.store_settings = store_settings or StoreSettings()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._view: dict[str, tuple[int, str]] = {}
+        self._view_at = 0.0
+        self._view_lock = threading.Lock()
+        self._capacity: Capacity | None = None
+        self._capacity_at = 0.0
+        self._capacity_error: str | None = None
+        self._metrics_at: dict[str, float] = {}
+        self.rounds = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="lbgat-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _loop(self) -> None:
+        log.info("scheduler started (max %d Ray jobs, ray=%s)", self.settings.max_running_jobs, self.ray)
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                self.run_round()
+            except Exception:  # a bad round must not kill the queue; the next one retries
+                log.exception("scheduler round failed")
+            busy = self._has_dispatching()
+            # poll fast while a submission is on its way to RUNNING, so dispatch latency stays low
+            pause = min(0.1, self.settings.poll_interval_s) if busy else self.settings.poll_interval_s
+            self._wake.wait(max(0.0, pause - (time.monotonic() - started)))
+            self._wake.clear()
+
+    def _has_dispatching(self) -> bool:
+        with self.sessions() as session:
+            return (
+                session.scalar(
+                    select(Experiment.id).where(Experiment.state == JobState.dispatching.value).limit(1)
+                )
+                is not None
+            )
+
+    # -- one round -----------------------------------------------------------------------------------
+
+    def run_round(self) -> None:
+        self.rounds += 1
+        self.reconcile()
+        self.schedule()
+
+    def capacity(self, max_age_s: float = 5.0) -> Capacity | None:
+        if self.ray is None:
+            self._capacity_error = "no Ray address configured (LBGAT_RAY_ADDRESS)"
+            return None
+        if time.monotonic() - self._capacity_at > max_age_s or self._capacity is None:
+            try:
+                self._capacity = self.ray.capacity()
+                self._capacity_error = None
+            except RayUnavailable as exc:
+                self._capacity, self._capacity_error = None, str(exc)
+            self._capacity_at = time.monotonic()
+        return self._capacity
+
+    def _inputs(
+        self, session: Session, *, lock: bool
+    ) -> tuple[list[Candidate], list[Holder], dict[int, UserLimits]]:
+        query = select(
+            Experiment.id,
+            Experiment.owner_id,
+            Experiment.team_id,
+            Experiment.priority,
+            Experiment.created_at,
+            Experiment.gpus,
+            Experiment.cpus,
+            Experiment.gpu_optional,
+            Experiment.charge_rate,
+        ).where(Experiment.state.in_(WAITING_STATES))
+        if lock and session.get_bind().dialect.name == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        candidates = [Candidate(*row) for row in session.execute(query)]
+        active = [
+            Holder(*row)
+            for row in session.execute(
+                select(
+                    Experiment.owner_id,
+                    Experiment.team_id,
+                    Experiment.gpus,
+                    Experiment.cpus,
+                    Experiment.charge_rate,
+                ).where(Experiment.state.in_(ACTIVE_STATES))
+            )
+        ]
+        owners = {c.owner_id for c in candidates}
+        limits = {}
+        if owners:
+            for user in session.scalars(select(User).where(User.id.in_(owners))):
+                limits[user.id] = UserLimits(
+                    user.name,
+                    self.settings.user_max_running_jobs
+                    if user.max_running_jobs is None
+                    else user.max_running_jobs,
+                    self.settings.user_max_gpus if user.max_gpus is None else user.max_gpus,
+                )
+        return candidates, active, limits
+
+    def _plan(self, session: Session, *, lock: bool) -> Plan:
+        candidates, active, limits = self._inputs(session, lock=lock)
+        if not candidates:
+            return Plan()
+        user_usage, team_usage = usage_gpu_hours(session, settings=self.settings)
+        capacity = self.capacity()
+        return plan(
+            candidates,
+            active,
+            capacity=capacity,
+            max_running=self.settings.max_running_jobs,
+            limits=limits,
+            user_usage=user_usage,
+            team_usage=team_usage,
+            quantum_h=self.settings.fair_share_quantum_h,
+            capacity_error=self._capacity_error,
+        )
+
+    def queue_view(self, max_age_s: float = 2.0) -> dict[str, tuple[int, str]]:
+        """Position and reason of every waiting job: the last round's, or a fresh plan when that is old
+        (a replica whose scheduler is off, or a round that has not run for a while)."""
+        with self._view_lock:
+            if time.monotonic() - self._view_at <= max_age_s:
+                return self._view
+        with self.sessions() as session:
+            view = self._plan(session, lock=False).waiting
+        with self._view_lock:
+            self._view, self._view_at = view, time.monotonic()
+        return view
+
+    def schedule(self) -> list[str]:
+        """Plan, claim the jobs to start (queued -> dispatching) in one transaction, then submit them."""
+
+        def claim(session: Session) -> list[tuple[str, int]]:
+            if session.get_bind().dialect.name == "postgresql":
+                got = session.execute(
+                    text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _ROUND_LOCK}
+                ).scalar()
+                if not got:
+                    return []  # another replica is scheduling right now
+            result = self._plan(session, lock=True)
+            with self._view_lock:
+                self._view, self._view_at = result.waiting, time.monotonic()
+            claimed = []
+            capacity = self._capacity
+            for job in result.dispatch:
+                exp = session.get(Experiment, job.id)
+                if exp is None or exp.state not in WAITING_STATES:
+                    continue
+                attempt = exp.attempts + 1
+                gpus = effective_gpus(job, capacity)
+                ok = transition(
+                    session,
+                    exp,
+                    JobState.dispatching,
+                    reason=f"attempt {attempt} of {exp.max_attempts}: submitting to Ray",
+                    attempts=attempt,
+                    ray_job_id=f"{exp.id}-a{attempt}",
+                    dispatched_at=utcnow(),
+                    started_at=None,
+                    gpus=gpus,
+                    charge_rate=gpus if gpus > 0 else exp.cpus * self.settings.cpu_gpu_equivalent,
+                )
+                if ok:
+                    claimed.append((exp.id, attempt))
+            return claimed
+
+        claimed = run_tx(self.sessions, claim)
+        for exp_id, _attempt in claimed:
+            self.submit(exp_id)
+        return [c[0] for c in claimed]
+
+    def _job_env(self, exp_id: str) -> dict[str, str]:
+        env = self.store_settings.as_env()
+        if not self.settings.pass_store_credentials:
+            for secret in ("s3_access_key", "s3_secret_key"):
+                env.pop(env_name(secret), None)
+        env["LBGAT_EXPERIMENT_ID"] = exp_id
+        return env
+
+    def submit(self, exp_id: str) -> None:
+        """Write the spec where the worker reads it, then submit the attempt's Ray job."""
+        with self.sessions() as session:
+            exp = session.get(Experiment, exp_id)
+            if exp is None or exp.state != JobState.dispatching.value:
+                return
+            spec, submission_id, owner = exp.spec, exp.ray_job_id, exp.owner.name
+        entrypoint = self.settings.worker_entrypoint.format(python=self.settings.worker_python, job_id=exp_id)
+        try:
+            if self.ray is None:
+                raise RayUnavailable("no Ray address configured (LBGAT_RAY_ADDRESS)")
+            self.store.put_json(experiment_prefix(exp_id) + "spec.json", spec)
+            self.ray.submit(
+                submission_id=submission_id,
+                entrypoint=entrypoint,
+                env_vars=self._job_env(exp_id),
+                metadata={"lbgat_experiment": exp_id, "lbgat_user": owner},
+            )
+            log.info("submitted %s as Ray job %s", exp_id, submission_id)
+        except (RayUnavailable, StoreError) as exc:
+            log.warning("could not submit %s: %s", exp_id, exc)
+            why = str(exc)
+
+            def back(session: Session) -> None:
+                exp = session.get(Experiment, exp_id)
+                if exp is not None and exp.state == JobState.dispatching.value:
+                    transition(
+                        session,
+                        exp,
+                        JobState.queued if exp.attempts <= 1 else JobState.retrying,
+                        reason=f"submission failed, will try again: {why}",
+                        attempts=exp.attempts - 1,
+                        ray_job_id=None,
+                        dispatched_at=None,
+                    )
+
+            run_tx(self.sessions, back)
+
+    # -- reconciliation ------------------------------------------------------------------------------
+
+    def reconcile(self) -> None:
+        with self.sessions() as session:
+            rows = (
+                session.execute(select(Experiment.id).where(Experiment.state.in_(ACTIVE_STATES)))
+                .scalars()
+                .all()
+            )
+        for exp_id in rows:
+            try:
+                self._reconcile_one(exp_id)
+            except RayUnavailable as exc:
+                log.warning("cannot reach Ray to reconcile: %s", exc)
+                return
+            except Exception:
+                log.exception("reconciling %s failed", exp_id)
+
+    def _reconcile_one(self, exp_id: str) -> None:
+        with self.sessions() as session:
+            exp = session.get(Experiment, exp_id)
+            if exp is None or exp.state not in ACTIVE_STATES:
+                return
+            state, submission_id, cancel = JobState(exp.state), exp.ray_job_id, exp.cancel_requested
+            dispatched_at = exp.dispatched_at
+        if self.ray is None or submission_id is None:
+            return
+        ray_state = self.ray.state(submission_id)
+        now = utcnow()
+        if cancel and ray_state is not None and ray_state.status in RAY_ACTIVE:
+            self.ray.stop(submission_id)
+            return  # the next round sees STOPPED
+        if ray_state is None:
+            if cancel:
+                self._finish(exp_id, JobState.cancelled, "cancelled before Ray started it")
+            elif state is JobState.dispatching:
+                age = (now - dispatched_at).total_seconds() if dispatched_at else 1e9
+                if age > self.settings.lost_job_grace_s:
+                    log.warning("%s: Ray has no job %s; submitting it again", exp_id, submission_id)
+                    self.submit(exp_id)
+            else:
+                self._attempt_failed(exp_id, f"Ray lost job {submission_id} (cluster restarted?)")
+            return
+        status = ray_state.status
+        if status == "PENDING":
+            return
+        if status == "RUNNING":
+            if state is JobState.dispatching:
+                self._started(exp_id)
+            self._ingest_metrics(exp_id)
+            return
+        self._ingest_metrics(exp_id, force=True)
+        if status == "SUCCEEDED":
+            self._succeeded(exp_id)
+        elif status == "STOPPED":
+            reason = (
+                "cancelled; Ray job stopped"
+                if cancel
+                else f"Ray job {submission_id} was stopped outside the service"
+            )
+            self._finish(exp_id, JobState.cancelled, reason)
+        else:  # FAILED
+            message = ray_state.message or "the Ray job failed"
+            if cancel:
+                self._finish(exp_id, JobState.cancelled, "cancelled")
+            else:
+                self._attempt_failed(exp_id, self._failure_reason(submission_id, message))
+
+    def _failure_reason(self, submission_id: str, message: str) -> str:
+        try:
+            tail = (
+                [line for line in self.ray.logs(submission_id).splitlines() if line.strip()][-15:]
+                if self.ray
+                else []
+            )
+        except RayUnavailable:
+            tail = []
+        errors = [line for line in tail if line.startswith("error:")]
+        detail = errors[-1] if errors else ("\n".join(tail[-5:]) if tail else "")
+        text_ = f"{message.strip()}\n{detail}".strip()
+        return text_[-4000:]
+
+    def _started(self, exp_id: str) -> None:
+        def go(session: Session) -> float | None:
+            exp = session.get(Experiment, exp_id)
+            if exp is None or exp.state != JobState.dispatching.value:
+                return None
+            now = utcnow()
+            if transition(session, exp, JobState.running, reason="Ray job running", started_at=now):
+                return (now - exp.dispatched_at).total_seconds() if exp.dispatched_at else None
+            return None
+
+        latency = run_tx(self.sessions, go)
+        if latency is not None:
+            from service.metrics import observe_dispatch
+
+            observe_dispatch(latency)
+
+    def _finish(self, exp_id: str, new: JobState, reason: str, **fields) -> None:
+        def go(session: Session) -> None:
+            exp = session.get(Experiment, exp_id)
+            if exp is not None and exp.state in ACTIVE_STATES:
+                transition(session, exp, new, reason=reason, **fields)
+
+        run_tx(self.sessions, go)
+
+    def _attempt_failed(self, exp_id: str, reason: str) -> None:
+        def go(session: Session) -> None:
+            exp = session.get(Experiment, exp_id)
+            if exp is None or exp.state not in ACTIVE_STATES:
+                return
+            if exp.attempts < exp.max_attempts:
+                transition(
+                    session,
+                    exp,
+                    JobState.retrying,
+                    reason=f"attempt {exp.attempts} failed; retrying from the last checkpoint: {reason}",
+                    error=reason,
+                )
+            else:
+                transition(
+                    session,
+                    exp,
+                    JobState.failed,
+                    reason=f"attempt {exp.attempts} of {exp.max_attempts} failed",
+                    error=reason,
+                )
+
+        run_tx(self.sessions, go)
+
+    def _succeeded(self, exp_id: str) -> None:
+        with self.sessions() as session:
+            exp = session.get(Experiment, exp_id)
+            if exp is None:
+                return
+            is_sweep = exp.is_sweep
+        try:
+            results = ingest.read_results(self.store, exp_id, is_sweep=is_sweep)
+        except StoreError as exc:
+            log.warning("%s succeeded but its results cannot be read: %s", exp_id, exc)
+            results = None
+
+        def go(session: Session) -> None:
+            exp = session.get(Experiment, exp_id)
+            if exp is None or exp.state not in ACTIVE_STATES:
+                return
+            fields = {}
+            if results is not None:
+                ingest.apply_results(session, exp, results)
+                fields = {
+                    "results": results.row,
+                    "clean_accuracy": results.row.get("clean_accuracy"),
+                    "robust_accuracy": results.row.get("robust_accuracy"),
+                    "autoattack_accuracy": results.row.get("autoattack_accuracy"),
+                }
+            transition(session, exp, JobState.succeeded, reason="Ray job succeeded", error=None, **fields)
+
+        run_tx(self.sessions, go)
+
+    def _ingest_metrics(self, exp_id: str, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._metrics_at.get(exp_id, 0.0) < self.settings.metrics_interval_s:
+            return
+        self._metrics_at[exp_id] = now
+        try:
+            run_tx(self.sessions, lambda session: ingest.ingest_metrics(session, self.store, exp_id))
+        except StoreError as exc:
+            log.warning("reading metrics of %s: %s", exp_id, exc)
