@@ -1,107 +1,109 @@
-"""A local Ray cluster for `lbgat serve` without LBGAT_RAY_ADDRESS (a laptop, the quickstart).
+"""A local Ray head for `lbgat serve` without LBGAT_RAY_ADDRESS (a laptop, the quickstart), and for
+the tests.
 
-It runs in a child process (`python -m service.local_ray`) that starts Ray with its dashboard (the
-Job Submission API the service talks to), prints the dashboard URL, and shuts Ray down when told
-to (SIGTERM/SIGINT) or when its parent goes away, so the service process itself never joins Ray.
+`ray start --head --block` in a child process, every port chosen free (two Ray instances on one
+machine otherwise fight over the dashboard agent's fixed port 52365, and the loser cannot run jobs:
+"No available agent to submit job"). SIGTERM to the child stops the whole head. The service never
+joins the cluster itself; it talks to the dashboard's Job Submission API like with a remote cluster.
 """
 
 from __future__ import annotations
 
-import argparse
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Sequence
-
-READY = "LBGAT_LOCAL_RAY_READY "
+from pathlib import Path
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
+def _ray_cli() -> str:
+    candidate = Path(sys.executable).with_name("ray")
+    return str(candidate) if candidate.exists() else "ray"
+
+
 class LocalRay:
-    """Handle on the child process; `stop()` shuts Ray down and waits for it."""
+    """A Ray head on 127.0.0.1; `dashboard_url` for the Job API, `address` (GCS) for drivers."""
 
     def __init__(
-        self, *, num_cpus: int | None = None, num_gpus: int | None = None, timeout_s: float = 120
+        self,
+        *,
+        num_cpus: int | None = None,
+        num_gpus: int | None = None,
+        env: dict[str, str] | None = None,
+        log_path: str | Path | None = None,
+        timeout_s: float = 120,
     ) -> None:
-        cmd = [sys.executable, "-m", "service.local_ray", "--dashboard-port", str(_free_port())]
+        gcs_port, dashboard_port = free_port(), free_port()
+        cmd = [
+            _ray_cli(), "start", "--head", "--block", "--disable-usage-stats",
+            "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+            "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--ray-client-server-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+        ]  # fmt: skip
         if num_cpus is not None:
-            cmd += ["--num-cpus", str(num_cpus)]
+            cmd.append(f"--num-cpus={num_cpus}")
         if num_gpus is not None:
-            cmd += ["--num-gpus", str(num_gpus)]
-        self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
-        self.dashboard_url = self._wait_ready(timeout_s)
+            cmd.append(f"--num-gpus={num_gpus}")
+        self.address = f"127.0.0.1:{gcs_port}"
+        self.dashboard_url = f"http://127.0.0.1:{dashboard_port}"
+        self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.process = subprocess.Popen(
+            cmd,
+            env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), **(env or {})},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stop() reaches every process of the head
+        )
+        self._wait_ready(timeout_s)
 
-    def _wait_ready(self, timeout_s: float) -> str:
+    def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        assert self.process.stdout is not None
         while time.monotonic() < deadline:
-            line = self.process.stdout.readline()
-            if not line:
-                raise RuntimeError(f"local Ray exited with code {self.process.wait()} before it was ready")
-            if line.startswith(READY):
-                threading.Thread(target=self._drain, daemon=True).start()
-                return line[len(READY) :].strip()
-            sys.stdout.write(line)
+            if self.process.poll() is not None:
+                raise RuntimeError(f"`ray start --head` exited with code {self.process.returncode}")
+            if self._agent_ready():
+                return
+            time.sleep(0.5)
         self.stop()
-        raise RuntimeError(f"local Ray was not ready within {timeout_s:.0f} s")
+        raise RuntimeError(f"the local Ray head did not come up within {timeout_s:.0f} s")
 
-    def _drain(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            sys.stdout.write(line)
+    def _agent_ready(self) -> bool:
+        """The dashboard answers, with token auth, and lists the node (whose agent runs the jobs)."""
+        from service.ray_jobs import RayJobs, RayUnavailable
+
+        try:
+            return RayJobs(self.dashboard_url).capacity().nodes > 0
+        except RayUnavailable:
+            return False
 
     def stop(self, timeout_s: float = 60) -> None:
-        if self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        if self.process.poll() is None:
+            # `ray start --block` stops its processes in order on SIGTERM (signalling the whole group at
+            # once would take the GCS down first and make the node's drain wait for it)
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)  # anything left of the head's process group
+        if self._log is not subprocess.DEVNULL:
+            self._log.close()
 
+    def __enter__(self) -> LocalRay:
+        return self
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service.local_ray")
-    parser.add_argument("--dashboard-port", type=int, default=8265)
-    parser.add_argument("--num-cpus", type=int)
-    parser.add_argument("--num-gpus", type=int)
-    args = parser.parse_args(argv)
-
-    import ray
-
-    context = ray.init(
-        num_cpus=args.num_cpus,
-        num_gpus=args.num_gpus,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=args.dashboard_port,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}},
-    )
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    print(READY + f"http://{context.dashboard_url}", flush=True)
-
-    def watch_parent() -> None:  # stdin closes when the parent dies, even by SIGKILL
-        sys.stdin.read()
-        stop.set()
-
-    threading.Thread(target=watch_parent, daemon=True).start()
-    stop.wait()
-    ray.shutdown()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    def __exit__(self, *_: object) -> None:
+        self.stop()

@@ -9,9 +9,11 @@ RAY_AUTH_TOKEN or ~/.ray/auth_token) is handled by Ray's own client.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("service.ray")
@@ -37,9 +39,24 @@ class RayJobState:
     exit_code: int | None
 
 
+def find_ray_token(explicit: str | None = None) -> str | None:
+    """The token for a Ray cluster with token auth, where Ray's own tools look for it."""
+    if explicit:
+        return explicit
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
 class RayJobs:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, *, token: str | None = None) -> None:
         self.address = address if "://" in address else f"http://{address}"
+        # Sent on every request: Ray's client adds it by itself only where RAY_AUTH_MODE=token is set.
+        self._token = find_ray_token(token)
         self._client: Any = None
         self._lock = threading.Lock()
 
@@ -51,10 +68,11 @@ class RayJobs:
             if self._client is None:
                 from ray.job_submission import JobSubmissionClient
 
+                headers = {"Authorization": f"Bearer {self._token}"} if self._token else None
                 try:
-                    self._client = JobSubmissionClient(self.address)
+                    self._client = JobSubmissionClient(self.address, headers=headers)
                 except Exception as exc:
-                    raise RayUnavailable(f"Ray dashboard at {self.address} is not reachable: {exc}") from exc
+                    raise RayUnavailable(_explain(self.address, exc)) from exc
             return self._client
 
     def _call(self, what: str, fn: Any) -> Any:
@@ -68,10 +86,10 @@ class RayJobs:
                 self._client = None  # reconnect next time (the head may have restarted)
             raise RayUnavailable(f"Ray dashboard at {self.address}: {what} failed: {exc}") from exc
         except Exception as exc:
-            if _is_connection_error(exc):
+            if _is_connection_error(exc) or type(exc).__name__ == "AuthenticationError":
                 with self._lock:
                     self._client = None
-                raise RayUnavailable(f"Ray dashboard at {self.address}: {what} failed: {exc}") from exc
+                raise RayUnavailable(f"{what}: {_explain(self.address, exc)}") from exc
             raise
 
     # -- jobs ----------------------------------------------------------------------------------------
@@ -178,6 +196,15 @@ class RayJobs:
 
     def check(self) -> None:
         self.capacity()
+
+
+def _explain(address: str, exc: BaseException) -> str:
+    if type(exc).__name__ == "AuthenticationError":
+        return (
+            f"Ray at {address} refused the request: token auth is on and no valid token was sent. Set "
+            "LBGAT_RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN) to the cluster's token (`ray get-auth-token`)"
+        )
+    return f"Ray dashboard at {address} is not reachable: {exc}"
 
 
 def _is_connection_error(exc: BaseException) -> bool:

@@ -454,7 +454,7 @@ class Scheduler:
                 metadata={"lbgat_experiment": exp_id, "lbgat_user": owner},
             )
             log.info("submitted %s as Ray job %s", exp_id, submission_id)
-        except (RayUnavailable, StoreError) as exc:
+        except Exception as exc:  # whatever went wrong, the job must not stay claimed by nobody
             log.warning("could not submit %s: %s", exp_id, exc)
             why = str(exc)
 

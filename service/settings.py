@@ -32,6 +32,11 @@ class ServiceSettings(BaseSettings):
         description="Ray dashboard/Job API address, e.g. http://ray-head:8265. "
         "Unset: `lbgat serve` starts a local Ray and uses its dashboard.",
     )
+    ray_auth_token: SecretStr | None = Field(
+        None,
+        description="token of a Ray cluster with token auth (Ray >= 2.52 turns it on by default); "
+        "unset: RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token when present",
+    )
     ray_dashboard_url: str | None = Field(
         None, description="dashboard address users' browsers reach (default: ray_address)"
     )

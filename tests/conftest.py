@@ -12,6 +12,8 @@ from collections.abc import Iterator
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Ray >= 2.52 starts clusters with token auth; a driver joining one must say so before Ray loads.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 try:
     import torch
@@ -47,26 +49,23 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[str]:
-    """A real local Ray instance with 2 CPUs for the whole session (started once: it takes seconds);
-    yields its dashboard URL (the Job Submission API the service talks to)."""
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Ray head with 2 CPUs on 127.0.0.1 for the whole session (`ray start --head`, every port
+    free, token auth on as Ray 2.5x+ has it by default); this process joins it as a driver for the
+    in-process Ray Train tests. Yields the dashboard URL (the Job Submission API the service uses)."""
     ray = pytest.importorskip("ray")
-    from workers.dev_s3 import free_port
+    from service.local_ray import LocalRay
 
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "120")
     # The dashboard stays on: Ray Train's PlacementGroupCleaner asks the state API (served by the
     # dashboard) whether a trial's controller died; without it, trials that ASHA stops leak their
     # worker placement groups and the next trials wait forever for CPUs.
-    context = ray.init(
-        num_cpus=2,
-        include_dashboard=True,
-        dashboard_port=free_port(),
-        log_to_driver=False,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
-    )
+    head = LocalRay(num_cpus=2, log_path=tmp_path_factory.mktemp("ray") / "head.log")
     try:
-        yield f"http://{context.dashboard_url}"
+        ray.init(address=head.address, log_to_driver=False)
+        try:
+            yield head.dashboard_url
+        finally:
+            ray.shutdown()
     finally:
-        ray.shutdown()
-
-
+        head.stop()

@@ -155,6 +155,24 @@ class ArtifactStore(ABC):
     def get_file(self, key: str, path: str | Path) -> Path:
         """Download `key` to `path` through a temporary file and a rename: `path` is whole or untouched."""
 
+    def iter_chunks(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """Stream the object in chunks of at most `chunk_size` bytes (a download that never holds it whole).
+
+        The object is opened when this is called, so a missing key raises KeyNotFound here, not at the
+        first `next()`; iterate to the end or close() the iterator to release the file or connection.
+        (This fallback reads the object whole; LocalStore and S3Store stream.)
+        """
+        _check_chunk_size(chunk_size)
+        data = memoryview(self.get_bytes(key))
+        return (bytes(data[i : i + chunk_size]) for i in range(0, len(data), chunk_size))
+
+    def presigned_get(self, key: str, expires_s: int) -> str:
+        """A URL that lets anyone holding it GET `key` for `expires_s` seconds, without credentials.
+        Only S3 stores can sign URLs; others raise NotImplementedError."""
+        raise NotImplementedError(
+            f"{type(self).__name__} ({self.url}) cannot make presigned URLs; they need an s3:// store"
+        )
+
     @abstractmethod
     def exists(self, key: str) -> bool: ...
 
@@ -233,6 +251,14 @@ class LocalStore(ArtifactStore):
         with src:
             _download_atomic(target, lambda f: shutil.copyfileobj(src, f, 1 << 20))
         return target
+
+    def iter_chunks(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        _check_chunk_size(chunk_size)
+        try:
+            src = open(self._path(key), "rb")  # noqa: SIM115 - closed by the generator
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise KeyNotFound(f"no object {key!r} in {self.url}") from None
+        return _chunks(src.read, src.close, chunk_size)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -315,6 +341,21 @@ def _write_atomic(target: Path, fill: Callable[[io.BufferedWriter], None], suffi
 
 def _download_atomic(target: Path, fill: Callable[[io.BufferedWriter], None]) -> None:
     _write_atomic(target, fill, suffix=".part")
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive number of bytes, got {chunk_size!r}")
+
+
+def _chunks(read: Callable[[int], bytes], close: Callable[[], None], chunk_size: int) -> Iterator[bytes]:
+    """Yield read(chunk_size) until it returns b''; close() when done, on error or when the
+    generator is closed (or collected) early."""
+    try:
+        while chunk := read(chunk_size):
+            yield chunk
+    finally:
+        close()
 
 
 def _refuse_empty(prefix: str, url: str) -> None:
@@ -566,6 +607,36 @@ class S3Store(ArtifactStore):
 
         self._run(f"download {key!r}", download, key)
         return target
+
+    def iter_chunks(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """The GET is retried like any request; once the body streams, a broken connection raises
+        (the caller has sent part of the object already, so a silent restart would corrupt it)."""
+        _check_chunk_size(chunk_size)
+        name = self._name(key)
+        response = self._run(f"get {key!r}", lambda: self._client.get_object(self.bucket, name), key)
+
+        def close() -> None:
+            response.close()
+            response.release_conn()
+
+        return _chunks(lambda n: response.read(n), close, chunk_size)
+
+    def presigned_get(self, key: str, expires_s: int) -> str:
+        """Signed for the endpoint this service uses (LBGAT_S3_ENDPOINT): the URL works for clients
+        that reach the S3 server at that address. Signing is local, but minio may ask the server for
+        the bucket's region first when LBGAT_S3_REGION is unset."""
+        import datetime
+
+        if not 1 <= expires_s <= 7 * 24 * 3600:
+            raise ValueError(f"expires_s must be between 1 s and 7 days, got {expires_s}")
+        name = self._name(key)
+        return self._run(
+            f"presign {key!r}",
+            lambda: self._client.presigned_get_object(
+                self.bucket, name, expires=datetime.timedelta(seconds=expires_s)
+            ),
+            key,
+        )
 
     def exists(self, key: str) -> bool:
         name = self._name(key)

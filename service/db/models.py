@@ -142,8 +142,6 @@ class Experiment(Base):
     ray_job_id: Mapped[str | None] = mapped_column(String(96), nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
-    wait_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
-    queue_position: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

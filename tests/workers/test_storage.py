@@ -144,6 +144,49 @@ def test_missing_keys_raise_key_not_found(any_store: ArtifactStore, tmp_path: Pa
     assert not (tmp_path / "out.json").exists()
 
 
+def test_iter_chunks_streams_the_object(any_store: ArtifactStore) -> None:
+    payload = os.urandom(2 * 65536 + 1000)
+    any_store.put_bytes("experiments/e1/main/checkpoints/last.pt", payload)
+    chunks = list(any_store.iter_chunks("experiments/e1/main/checkpoints/last.pt", 65536))
+    assert [len(c) for c in chunks] == [65536, 65536, 1000]
+    assert b"".join(chunks) == payload
+    any_store.put_bytes("experiments/e1/empty", b"")
+    assert list(any_store.iter_chunks("experiments/e1/empty")) == []
+
+    # a missing key fails when the stream is opened, before a caller has sent anything
+    with pytest.raises(KeyNotFound, match="nope"):
+        any_store.iter_chunks("experiments/e1/nope")
+    with pytest.raises(ValueError, match="chunk_size"):
+        any_store.iter_chunks("experiments/e1/main/checkpoints/last.pt", 0)
+    with pytest.raises(ValueError, match=r"'\.\.' segments"):
+        any_store.iter_chunks("experiments/../secret")
+
+    # closing a stream early releases it; the store keeps working (S3: the connection goes back)
+    for _ in range(12):
+        stream = any_store.iter_chunks("experiments/e1/main/checkpoints/last.pt", 1024)
+        assert len(next(stream)) == 1024
+        stream.close()
+    assert any_store.get_bytes("experiments/e1/main/checkpoints/last.pt") == payload
+
+
+def test_presigned_get(any_store: ArtifactStore) -> None:
+    import httpx
+
+    any_store.put_bytes("experiments/e1/main/summary.json", b'{"ok": true}')
+    if isinstance(any_store, LocalStore):
+        with pytest.raises(NotImplementedError, match="s3://"):
+            any_store.presigned_get("experiments/e1/main/summary.json", 60)
+        return
+    url = any_store.presigned_get("experiments/e1/main/summary.json", 120)
+    assert "X-Amz-Expires=120" in url and "X-Amz-Signature=" in url
+    assert any_store._secret.get_secret_value() not in url
+    assert httpx.get(url, timeout=10).content == b'{"ok": true}'  # no credentials needed
+    tampered = url.replace("X-Amz-Expires=120", "X-Amz-Expires=999")
+    assert httpx.get(tampered, timeout=10).status_code == 403
+    with pytest.raises(ValueError, match="expires_s"):
+        any_store.presigned_get("experiments/e1/main/summary.json", 0)
+
+
 @pytest.mark.parametrize(
     "bad", ["../x", "a/../../x", "/abs", "/etc/passwd", "a//b", "a/./b", "a/", "", "a\\b"]
 )

@@ -90,8 +90,6 @@ def upgrade() -> None:
         sa.Column("ray_job_id", sa.String(length=96), nullable=True),
         sa.Column("cancel_requested", sa.Boolean(), nullable=False),
         sa.Column("error", sa.Text(), nullable=True),
-        sa.Column("wait_reason", sa.Text(), nullable=True),
-        sa.Column("queue_position", sa.Integer(), nullable=True),
         sa.Column("created_at", UTCDateTime(timezone=True), nullable=False),
         sa.Column("updated_at", UTCDateTime(timezone=True), nullable=False),
         sa.Column("dispatched_at", UTCDateTime(timezone=True), nullable=True),

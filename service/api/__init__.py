@@ -1,0 +1,15 @@
+"""The REST API: routes under /v1 (`api_router`) plus the unversioned health endpoints (`health_router`)."""
+
+from fastapi import APIRouter
+
+from service.api.routes import artifacts, experiments, health, results, users
+
+api_router = APIRouter(prefix="/v1")
+api_router.include_router(experiments.router)
+api_router.include_router(artifacts.router)
+api_router.include_router(results.router)
+api_router.include_router(users.router)
+
+health_router = health.router
+
+__all__ = ["api_router", "health_router"]

@@ -1,0 +1,1 @@
+"""One module per resource; `service.api.api_router` joins them under /v1."""

@@ -1,0 +1,482 @@
+"""Experiments: submit, list, read, cancel, retry, delete; their metrics, live events and Ray logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import yaml
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import PlainTextResponse, StreamingResponse
+from pydantic import ValidationError
+from sqlalchemy import delete
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
+
+from api_schemas import ExperimentSpec, parse_spec
+from api_schemas.jobs import (
+    ErrorDetail,
+    ExperimentCreate,
+    ExperimentDetail,
+    ExperimentOut,
+    ExperimentPage,
+    JobState,
+    TrialOut,
+)
+from service import jobs
+from service.api import sse
+from service.api.deps import (
+    CurrentUser,
+    RayDep,
+    SchedulerDep,
+    SchedulerLike,
+    SessionDep,
+    SessionsDep,
+    SettingsDep,
+    StoreDep,
+    wake,
+)
+from service.db.engine import run_tx
+from service.db.models import Event, Experiment, Trial, User
+from service.ray_jobs import RayUnavailable
+from service.settings import ServiceSettings
+from workers.storage import StoreError, experiment_prefix
+
+log = logging.getLogger("service.api")
+
+router = APIRouter(prefix="/experiments", tags=["experiments"])
+
+JSON_TYPES = frozenset({"application/json", ""})
+YAML_TYPES = frozenset({"application/yaml", "application/x-yaml", "text/yaml"})
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorDetail, "description": "missing, unknown or revoked token"},
+    404: {"model": ErrorDetail, "description": "no such experiment in your team"},
+}
+
+
+# -- submission body ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Submission:
+    spec: ExperimentSpec
+    priority: int
+    max_attempts: int | None
+    tags: list[str]
+
+
+def _invalid(loc: tuple[str | int, ...], msg: str, kind: str = "value_error") -> RequestValidationError:
+    return RequestValidationError([{"loc": loc, "msg": msg, "type": kind}])
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 past `limit` bytes: by its Content-Length before reading, and by what
+    actually arrives (a chunked body, or a Content-Length that lies)."""
+    too_large = HTTPException(
+        status.HTTP_413_CONTENT_TOO_LARGE, f"request body larger than {limit} bytes (LBGAT_MAX_SPEC_BYTES)"
+    )
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, "Content-Length: not a number of bytes")
+        if int(declared) > limit:
+            raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+async def read_submission(
+    request: Request,
+    settings: SettingsDep,
+    priority: Annotated[int, Query(description="YAML uploads only (JSON: in the body)")] = 0,
+    max_attempts: Annotated[int | None, Query(description="YAML uploads only (JSON: in the body)")] = None,
+    tags: Annotated[list[str] | None, Query(description="YAML uploads only (JSON: in the body)")] = None,
+) -> Submission:
+    """An ExperimentCreate (JSON) or a spec file (YAML, options as query parameters), validated."""
+    content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if content_type not in JSON_TYPES and content_type not in YAML_TYPES:
+        raise HTTPException(
+            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+            f"Content-Type {content_type!r}: send application/json (an ExperimentCreate) or "
+            "application/yaml (a spec file)",
+        )
+    body = await _read_body(request, settings.max_spec_bytes)
+    if content_type in YAML_TYPES:
+        try:
+            data = yaml.safe_load(body) if body.strip() else {}
+        except (yaml.YAMLError, RecursionError) as exc:
+            raise _invalid(("body",), f"not valid YAML: {exc}", "yaml_invalid") from None
+        try:
+            options = ExperimentCreate(spec={}, priority=priority, max_attempts=max_attempts, tags=tags or [])
+        except ValidationError as exc:
+            raise RequestValidationError(
+                [{**e, "loc": ("query", *e["loc"])} for e in exc.errors(include_url=False)]
+            ) from None
+        spec_data = data
+    else:
+        try:
+            payload = json.loads(body)
+        except (ValueError, RecursionError) as exc:
+            raise _invalid(("body",), f"not valid JSON: {exc}", "json_invalid") from None
+        try:
+            options = ExperimentCreate.model_validate(payload)
+        except ValidationError as exc:
+            raise RequestValidationError(
+                [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+            ) from None
+        spec_data = options.spec
+    spec = parse_spec(spec_data)  # SpecError -> 422 with the spec's field paths (app's handler)
+    return Submission(spec, options.priority, options.max_attempts, list(options.tags))
+
+
+SubmissionDep = Annotated[Submission, Depends(read_submission)]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        min_length=1,
+        max_length=128,
+        description="a retried submission with the same key returns the first experiment (200)",
+    ),
+]
+
+_SUBMIT_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/ExperimentCreate"}},
+            "application/yaml": {
+                "schema": {"type": "object", "description": "an ExperimentSpec as a YAML (or JSON) file"}
+            },
+        },
+    }
+}
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+
+
+def _queue(
+    scheduler: SchedulerLike | None, experiments: Iterable[Experiment]
+) -> dict[str, tuple[int, str]] | None:
+    """Waiting jobs' (position, reason) as the scheduling policy orders them now."""
+    return scheduler.queue_view() if scheduler is not None else None
+
+
+def _visible(sessions: sessionmaker[Session], experiment_id: str, user: User) -> Experiment:
+    with sessions() as session:
+        return jobs.get_experiment(session, experiment_id, viewer=user)
+
+
+def _out(exp: Experiment, settings: ServiceSettings) -> ExperimentOut:
+    return jobs.to_out(exp, settings=settings)
+
+
+# -- routes ------------------------------------------------------------------------------------------
+
+
+@router.post(
+    "",
+    response_model=ExperimentOut,
+    status_code=status.HTTP_201_CREATED,
+    summary="Submit an experiment (JSON ExperimentCreate, or a YAML spec upload)",
+    openapi_extra=_SUBMIT_BODY,
+    responses={
+        200: {"model": ExperimentOut, "description": "a repeated Idempotency-Key: the first experiment"},
+        409: {"model": ErrorDetail, "description": "Idempotency-Key already used for another spec"},
+        413: {"model": ErrorDetail, "description": "body larger than LBGAT_MAX_SPEC_BYTES"},
+        415: {"model": ErrorDetail, "description": "neither JSON nor YAML"},
+        422: {"model": ErrorDetail, "description": "invalid spec; `errors` name the field paths"},
+        401: _ERRORS[401],
+    },
+)
+def create_experiment(
+    current_user: CurrentUser,
+    submission: SubmissionDep,
+    sessions: SessionsDep,
+    settings: SettingsDep,
+    scheduler: SchedulerDep,
+    response: Response,
+    idempotency_key: IdempotencyKey = None,
+) -> ExperimentOut:
+    """The job is in the database before this answers; the scheduler is woken to consider it at once."""
+
+    def submit(session: Session) -> tuple[ExperimentOut, bool]:
+        exp, created = jobs.create_experiment(
+            session,
+            owner=current_user,
+            spec=submission.spec,
+            settings=settings,
+            priority=submission.priority,
+            max_attempts=submission.max_attempts,
+            tags=submission.tags,
+            idempotency_key=idempotency_key,
+            cluster_has_gpus=None,
+        )
+        session.flush()
+        return _out(exp, settings), created
+
+    try:
+        out, created = run_tx(sessions, submit)
+    except IntegrityError:
+        if idempotency_key is None:
+            raise
+        out, created = run_tx(sessions, submit)  # a concurrent request with our key won: return its job
+    if created:
+        wake(scheduler)
+    else:
+        response.status_code = status.HTTP_200_OK
+    return out
+
+
+@router.get(
+    "",
+    response_model=ExperimentPage,
+    summary="List your team's experiments, newest first (cursor pagination)",
+    responses={401: _ERRORS[401], 422: {"model": ErrorDetail}},
+)
+def read_experiments(
+    current_user: CurrentUser,
+    session: SessionDep,
+    settings: SettingsDep,
+    scheduler: SchedulerDep,
+    user: Annotated[str | None, Query(max_length=64, description="owner's name")] = None,
+    team: Annotated[str | None, Query(max_length=64)] = None,
+    state: Annotated[list[JobState] | None, Query(description="repeat for several states")] = None,
+    method: Annotated[str | None, Query(max_length=32)] = None,
+    dataset: Annotated[str | None, Query(max_length=32)] = None,
+    limit: Annotated[int, Query(ge=1, description="at most LBGAT_MAX_PAGE_SIZE")] = 50,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> ExperimentPage:
+    if limit > settings.max_page_size:
+        raise _invalid(("query", "limit"), f"at most {settings.max_page_size} items per page")
+    rows, next_cursor = jobs.list_experiments(
+        session,
+        viewer=current_user,
+        user=user,
+        team=team,
+        state=state,
+        method=method,
+        dataset=dataset,
+        limit=limit,
+        cursor=cursor,
+    )
+    queue = _queue(scheduler, rows)
+    return ExperimentPage(
+        items=[jobs.to_out(e, settings=settings, queue=queue) for e in rows], next_cursor=next_cursor
+    )
+
+
+@router.get(
+    "/{experiment_id}",
+    response_model=ExperimentDetail,
+    summary="One experiment: spec, state history, trials, metrics of the main trial, results, queue place",
+    responses=_ERRORS,
+)
+def read_experiment(
+    experiment_id: str,
+    current_user: CurrentUser,
+    session: SessionDep,
+    settings: SettingsDep,
+    scheduler: SchedulerDep,
+) -> ExperimentDetail:
+    exp = jobs.get_experiment(session, experiment_id, viewer=current_user)
+    out = jobs.to_out(exp, settings=settings, queue=_queue(scheduler, [exp]))
+    return ExperimentDetail(
+        **out.model_dump(),
+        spec=exp.spec,
+        history=jobs.history(session, exp.id),
+        trials=[TrialOut.model_validate(t) for t in jobs.trials(session, exp.id)],
+        metrics=jobs.metric_rows(session, exp.id, "main"),
+        results=jobs.result_row(exp),
+    )
+
+
+@router.post(
+    "/{experiment_id}/cancel",
+    response_model=ExperimentOut,
+    status_code=status.HTTP_202_ACCEPTED,
+    summary="Cancel: a waiting job at once; a dispatched one once the scheduler has stopped its Ray job",
+    responses={**_ERRORS, 403: {"model": ErrorDetail}, 409: {"model": ErrorDetail}},
+)
+def cancel_experiment(
+    experiment_id: str,
+    current_user: CurrentUser,
+    sessions: SessionsDep,
+    settings: SettingsDep,
+    scheduler: SchedulerDep,
+) -> ExperimentOut:
+    def cancel(session: Session) -> ExperimentOut:
+        exp = jobs.get_experiment(session, experiment_id, viewer=current_user, for_update=True)
+        return _out(jobs.cancel_experiment(session, exp, user=current_user), settings)
+
+    out = run_tx(sessions, cancel)
+    wake(scheduler)
+    return out
+
+
+@router.post(
+    "/{experiment_id}/retry",
+    response_model=ExperimentOut,
+    summary="Queue a failed or cancelled experiment again; it resumes from its last checkpoint",
+    responses={**_ERRORS, 403: {"model": ErrorDetail}, 409: {"model": ErrorDetail}},
+)
+def retry_experiment(
+    experiment_id: str,
+    current_user: CurrentUser,
+    sessions: SessionsDep,
+    settings: SettingsDep,
+    scheduler: SchedulerDep,
+) -> ExperimentOut:
+    def retry(session: Session) -> ExperimentOut:
+        exp = jobs.get_experiment(session, experiment_id, viewer=current_user, for_update=True)
+        return _out(jobs.retry_experiment(session, exp, user=current_user), settings)
+
+    out = run_tx(sessions, retry)
+    wake(scheduler)
+    return out
+
+
+@router.delete(
+    "/{experiment_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    summary="Delete an experiment and its artifacts (owner or admin; cancel an active job first)",
+    responses={
+        **_ERRORS,
+        403: {"model": ErrorDetail},
+        409: {"model": ErrorDetail, "description": "the job is dispatching or running"},
+        503: {"model": ErrorDetail, "description": "rows deleted, artifacts could not be removed"},
+    },
+)
+def delete_experiment(
+    experiment_id: str,
+    current_user: CurrentUser,
+    sessions: SessionsDep,
+    store: StoreDep,
+) -> Response:
+    """Rows first, in one transaction whose DELETE is conditional on the job not being active (so a
+    scheduler dispatching it meanwhile wins and the delete is refused); then the store's objects."""
+
+    def remove(session: Session) -> None:
+        exp = jobs.get_experiment(session, experiment_id, viewer=current_user, for_update=True)
+        jobs.require_owner(exp, current_user)
+        active = f"experiment {exp.id} is {exp.state}; cancel it first"
+        if JobState(exp.state).active:
+            raise jobs.JobError(active, status=409)
+        session.execute(delete(Event).where(Event.experiment_id == exp.id))
+        session.execute(delete(Trial).where(Trial.experiment_id == exp.id))
+        result = session.execute(
+            delete(Experiment)
+            .where(Experiment.id == exp.id, Experiment.state.not_in(jobs.ACTIVE_STATES))
+            .execution_options(synchronize_session=False)
+        )
+        if result.rowcount != 1:
+            raise jobs.JobError(f"experiment {exp.id} was dispatched meanwhile; cancel it first", status=409)
+
+    run_tx(sessions, remove)
+    try:
+        removed = store.delete_prefix(experiment_prefix(experiment_id))
+    except (StoreError, ValueError) as exc:
+        log.error("experiment %s deleted, but not its artifacts in %s: %s", experiment_id, store.url, exc)
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            f"experiment {experiment_id} was deleted, but its artifacts could not be removed: {exc}",
+        ) from None
+    log.info("experiment %s deleted by %s (%d artifacts)", experiment_id, current_user.name, removed)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get(
+    "/{experiment_id}/metrics",
+    response_model=list[dict[str, Any]],
+    summary="Metric rows (one per epoch and trial) as the workers reported them",
+    responses=_ERRORS,
+)
+def read_experiment_metrics(
+    experiment_id: str,
+    current_user: CurrentUser,
+    session: SessionDep,
+    trial: Annotated[str | None, Query(max_length=128, description="one trial (default: all)")] = None,
+) -> list[dict[str, Any]]:
+    exp = jobs.get_experiment(session, experiment_id, viewer=current_user)
+    return jobs.metric_rows(session, exp.id, trial)
+
+
+@router.get(
+    "/{experiment_id}/events",
+    response_class=StreamingResponse,
+    summary="Server-sent events: `state` and `metric` updates, then `end` once the job is terminal",
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "the event stream"},
+        **_ERRORS,
+    },
+)
+async def read_experiment_events(
+    experiment_id: str,
+    current_user: CurrentUser,
+    sessions: SessionsDep,
+    after: Annotated[int | None, Query(ge=0, description="send events with a larger id only")] = None,
+    last_event_id: Annotated[str | None, Header(description="set by reconnecting clients")] = None,
+) -> StreamingResponse:
+    await run_in_threadpool(_visible, sessions, experiment_id, current_user)
+    start = after or 0
+    if last_event_id and last_event_id.strip().isdigit():
+        start = int(last_event_id.strip())
+    return StreamingResponse(
+        sse.experiment_events(sessions, experiment_id, after=start),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.get(
+    "/{experiment_id}/logs",
+    response_class=PlainTextResponse,
+    summary="The Ray job's log ('' before the job reached Ray); follow=true streams until it ends",
+    responses={
+        200: {"content": {"text/plain": {}}},
+        **_ERRORS,
+        503: {"model": ErrorDetail, "description": "no Ray configured, or Ray unreachable"},
+    },
+)
+async def read_experiment_logs(
+    experiment_id: str,
+    current_user: CurrentUser,
+    sessions: SessionsDep,
+    ray: RayDep,
+    follow: bool = False,
+) -> Response:
+    exp = await run_in_threadpool(_visible, sessions, experiment_id, current_user)
+    if ray is None:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "no Ray cluster is configured for this service (LBGAT_RAY_ADDRESS); logs come from Ray",
+        )
+    if not exp.ray_job_id:
+        return PlainTextResponse("")
+    submission_id = exp.ray_job_id
+    try:
+        if not follow:
+            return PlainTextResponse(await run_in_threadpool(ray.logs, submission_id))
+        await run_in_threadpool(ray.check)
+    except RayUnavailable as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
+
+    async def follow_logs() -> Any:
+        try:
+            async for chunk in ray.tail_logs(submission_id):
+                yield chunk
+        except RayUnavailable as exc:
+            yield f"\n[lbgat] the log stream stopped: {exc}\n"
+
+    return StreamingResponse(follow_logs(), media_type="text/plain; charset=utf-8")

@@ -1,0 +1,82 @@
+"""Liveness (/healthz), readiness (/readyz: database, store, Ray) and Prometheus metrics (/metrics).
+
+Readiness messages come from exceptions of the database driver, the store and Ray: they are cut short
+and every secret this service knows (S3 secret key, admin token, database password) is masked.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import APIRouter, Request, Response, status
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+from sqlalchemy.orm import Session, sessionmaker
+
+from api_schemas.jobs import ErrorDetail, Readiness
+from service.api.deps import CurrentUser, RayDep, SessionsDep, StoreDep
+from service.metrics import CONTENT_TYPE
+
+log = logging.getLogger("service.api")
+
+router = APIRouter(tags=["health"])
+
+MAX_REASON = 300
+
+
+def scrub(message: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        if secret:
+            message = message.replace(secret, "**********")
+    message = " ".join(message.split())
+    return message if len(message) <= MAX_REASON else message[: MAX_REASON - 3] + "..."
+
+
+def _check(name: str, fn: Any, secrets: list[str]) -> str:
+    try:
+        result = fn()
+    except Exception as exc:
+        reason = scrub(f"{type(exc).__name__}: {exc}", secrets)
+        log.warning("readiness: %s not ready: %s", name, reason)
+        return reason
+    return result if isinstance(result, str) else "ok"
+
+
+def _database(sessions: sessionmaker[Session]) -> None:
+    with sessions() as session:
+        session.execute(text("SELECT 1"))
+
+
+@router.get("/healthz", summary="Liveness: the process answers (no dependencies checked)")
+def read_health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    summary="Readiness: the database, the artifact store and Ray (if configured) answer",
+    responses={503: {"model": Readiness, "description": "a component is not ready"}},
+)
+def read_readiness(request: Request, sessions: SessionsDep, store: StoreDep, ray: RayDep) -> JSONResponse:
+    secrets: list[str] = request.app.state.secrets
+    checks = {
+        "database": _check("database", lambda: _database(sessions), secrets),
+        "store": _check("store", store.check, secrets),
+        "ray": "not configured" if ray is None else _check("ray", ray.check, secrets),
+    }
+    ready = all(value in ("ok", "not configured") for value in checks.values())
+    body = Readiness(ready=ready, checks=checks)
+    code = status.HTTP_200_OK if ready else status.HTTP_503_SERVICE_UNAVAILABLE
+    return JSONResponse(body.model_dump(), status_code=code)
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    summary="Prometheus metrics: queue depth per state, jobs per user, request and dispatch latency",
+    responses={200: {"content": {CONTENT_TYPE: {}}}, 401: {"model": ErrorDetail}},
+)
+def read_metrics(request: Request, current_user: CurrentUser) -> Response:
+    return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)

@@ -1,0 +1,99 @@
+"""Users (created by an admin) and API tokens (shown once, stored hashed)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Response, status
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api_schemas.jobs import CreatedUser, ErrorDetail, TokenCreate, TokenOut, UserCreate, UserOut
+from service import auth
+from service.api.deps import AdminUser, CurrentUser, SessionDep, SessionsDep
+from service.db.engine import run_tx
+from service.db.models import ApiToken, User
+
+router = APIRouter(tags=["users"])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": ErrorDetail}}
+_ADMIN: dict[int | str, dict[str, Any]] = {
+    **_ERRORS,
+    403: {"model": ErrorDetail, "description": "not an admin"},
+}
+
+
+def user_out(user: User) -> UserOut:
+    return UserOut(
+        name=user.name,
+        team=user.team.name,
+        is_admin=user.is_admin,
+        max_running_jobs=user.max_running_jobs,
+        max_gpus=user.max_gpus,
+        created_at=user.created_at,
+    )
+
+
+def token_out(row: ApiToken, user: User, token: str) -> TokenOut:
+    return TokenOut(id=row.id, user=user.name, label=row.label, token=token, prefix=row.prefix)
+
+
+@router.post(
+    "/users",
+    response_model=CreatedUser,
+    status_code=status.HTTP_201_CREATED,
+    summary="Create a user (admin); the answer holds their first token, shown once",
+    responses={**_ADMIN, 409: {"model": ErrorDetail, "description": "the name is taken"}},
+)
+def create_user(body: UserCreate, admin: AdminUser, sessions: SessionsDep) -> CreatedUser:
+    def create(session: Session) -> CreatedUser:
+        user = auth.create_user(
+            session,
+            name=body.name,
+            team=body.team,
+            is_admin=body.is_admin,
+            max_running_jobs=body.max_running_jobs,
+            max_gpus=body.max_gpus,
+        )
+        row, token = auth.issue_token(session, user, label=f"created by {admin.name}"[:64])
+        return CreatedUser(user=user_out(user), token=token_out(row, user, token))
+
+    return run_tx(sessions, create)
+
+
+@router.get("/users", response_model=list[UserOut], summary="All users (admin)", responses=_ADMIN)
+def read_users(admin: AdminUser, session: SessionDep) -> list[UserOut]:
+    return [user_out(u) for u in session.scalars(select(User).order_by(User.name))]
+
+
+@router.get("/users/me", response_model=UserOut, summary="The token's user", responses=_ERRORS)
+def read_user_me(current_user: CurrentUser) -> UserOut:
+    return user_out(current_user)
+
+
+@router.post(
+    "/tokens",
+    response_model=TokenOut,
+    status_code=status.HTTP_201_CREATED,
+    summary="A new token for yourself (shown once)",
+    responses=_ERRORS,
+)
+def create_token(body: TokenCreate, current_user: CurrentUser, sessions: SessionsDep) -> TokenOut:
+    def issue(session: Session) -> TokenOut:
+        row, token = auth.issue_token(session, current_user, label=body.label)
+        return token_out(row, current_user, token)
+
+    return run_tx(sessions, issue)
+
+
+@router.delete(
+    "/tokens/{token_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    response_class=Response,
+    summary="Revoke a token (yours, or anyone's for an admin)",
+    responses={**_ERRORS, 404: {"model": ErrorDetail}},
+)
+def delete_token(token_id: int, current_user: CurrentUser, sessions: SessionsDep) -> Response:
+    if not run_tx(sessions, lambda session: auth.revoke_token(session, current_user, token_id)):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"token {token_id} not found (or already revoked)")
+    return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -1,0 +1,164 @@
+"""Prometheus metrics of the control plane, served at GET /metrics.
+
+Each app has its own CollectorRegistry (several apps in one test process never collide). What it holds:
+
+* `lbgat_jobs{state}` - jobs per state (the queue's depth), one GROUP BY at scrape time;
+* `lbgat_user_jobs{user,state}` - each user's waiting and active jobs, one GROUP BY at scrape time;
+* `lbgat_request_seconds{method,route,status}` - request latency, labelled by the route template
+  (`/v1/experiments/{experiment_id}`), never the raw path, so that ids do not explode the label set;
+* `lbgat_dispatch_seconds` - time from a job's submission (or retry) to its Ray job being submitted.
+  The scheduler runs once per process, so this one histogram is process-wide: the scheduler calls
+  `observe_dispatch(seconds)` and every app's registry exposes it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api_schemas.jobs import JobState
+from service.db.models import Experiment, User
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Seconds; submissions are milliseconds, dispatch waits for a free slot (seconds to hours).
+REQUEST_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+DISPATCH_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0, 21600.0)
+
+DISPATCH_SECONDS = Histogram(
+    "lbgat_dispatch_seconds",
+    "Time from a job's submission (or retry) to the submission of its Ray job",
+    buckets=DISPATCH_BUCKETS,
+    registry=None,  # registered in each app's registry by ServiceMetrics
+)
+
+
+def observe_dispatch(seconds: float) -> None:
+    """Record one dispatch latency (the scheduler calls this once per Ray job it submits)."""
+    DISPATCH_SECONDS.observe(max(0.0, float(seconds)))
+
+
+class _QueueCollector(Collector):
+    """Reads job counts from the database at scrape time (the database is the truth, not a counter)."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self.sessions = sessions
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # dynamic: do not run the queries at registration
+
+    def collect(self) -> Iterable[Metric]:
+        per_user_states = [
+            JobState.queued.value,
+            JobState.retrying.value,
+            JobState.dispatching.value,
+            JobState.running.value,
+        ]
+        with self.sessions() as session:
+            by_state = dict(
+                session.execute(select(Experiment.state, func.count()).group_by(Experiment.state)).all()
+            )
+            by_user = session.execute(
+                select(User.name, Experiment.state, func.count())
+                .join(User, Experiment.owner_id == User.id)
+                .where(Experiment.state.in_(per_user_states))
+                .group_by(User.name, Experiment.state)
+            ).all()
+        jobs = GaugeMetricFamily("lbgat_jobs", "Jobs per state (queue depth)", labels=["state"])
+        for state in JobState:
+            jobs.add_metric([state.value], float(by_state.get(state.value, 0)))
+        user_jobs = GaugeMetricFamily(
+            "lbgat_user_jobs", "Waiting and active jobs per user", labels=["user", "state"]
+        )
+        for name, state, count in sorted(by_user):
+            user_jobs.add_metric([name, state], float(count))
+        return [jobs, user_jobs]
+
+
+class ServiceMetrics:
+    """One app's registry: the queue gauges, the request histogram, the process's dispatch histogram."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.request_seconds = Histogram(
+            "lbgat_request_seconds",
+            "HTTP request latency by route template",
+            labelnames=["method", "route", "status"],
+            buckets=REQUEST_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(DISPATCH_SECONDS)
+        self._queue: _QueueCollector | None = None
+
+    def bind_database(self, sessions: sessionmaker[Session]) -> None:
+        """Count jobs from this database at scrape time (called by the app's lifespan)."""
+        if self._queue is not None:
+            self.registry.unregister(self._queue)
+        self._queue = _QueueCollector(sessions)
+        self.registry.register(self._queue)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestTimer:
+    """ASGI middleware timing every HTTP request into `lbgat_request_seconds`.
+
+    Pure ASGI (not BaseHTTPMiddleware) so that streamed answers (SSE, logs, downloads) pass through
+    untouched; a stream is timed until its last byte. The route label is the matched route's
+    template, read from the scope after routing; unmatched paths share the label "unmatched".
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.request_seconds.labels(scope["method"], route_template(scope), str(status)).observe(
+                time.perf_counter() - start
+            )
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's full template ('/v1/experiments/{experiment_id}'), or 'unmatched'.
+
+    Routers included in the app may keep their routes' paths relative to the router (FastAPI >= 0.16x
+    does not copy them with the prefix), so the prefix is recovered from the request's path: it is
+    what precedes the part that the route's template, filled with the path parameters, matched.
+    """
+    route: Any = scope.get("route")
+    path_format = getattr(route, "path_format", None) or getattr(route, "path", None)
+    if not path_format:
+        return "unmatched"
+    params = scope.get("path_params") or {}
+    try:
+        matched = path_format.format(**{k: str(v) for k, v in params.items()})
+    except (KeyError, IndexError, ValueError):
+        return path_format
+    path = scope.get("path", "")
+    if matched and path.endswith(matched):
+        return path[: len(path) - len(matched)] + path_format
+    return path_format
