@@ -373,11 +373,12 @@ class Scheduler:
             capacity_error=self._capacity_error,
         )
 
-    def queue_view(self, max_age_s: float = 2.0) -> dict[str, tuple[int, str]]:
+    def queue_view(self, ids: Iterable[str] = (), max_age_s: float = 2.0) -> dict[str, tuple[int, str]]:
         """Position and reason of every waiting job: the last round's, or a fresh plan when that is old
-        (a replica whose scheduler is off, or a round that has not run for a while)."""
+        (a replica whose scheduler is off, or a round that has not run for a while) or does not know
+        one of the waiting jobs `ids` (submitted since)."""
         with self._view_lock:
-            if time.monotonic() - self._view_at <= max_age_s:
+            if time.monotonic() - self._view_at <= max_age_s and all(i in self._view for i in ids):
                 return self._view
         with self.sessions() as session:
             view = self._plan(session, lock=False).waiting

@@ -3,7 +3,7 @@ handlers stay thin and tests can override any of them with `app.dependency_overr
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Annotated, Protocol
 
 from fastapi import Depends, HTTPException, Request, status
@@ -49,7 +49,7 @@ class SchedulerLike(Protocol):
 
     def wake(self) -> None: ...
 
-    def queue_view(self) -> dict[str, tuple[int, str]]: ...
+    def queue_view(self, ids: Iterable[str] = ()) -> dict[str, tuple[int, str]]: ...
 
 
 def get_scheduler(request: Request) -> SchedulerLike | None:

@@ -197,7 +197,7 @@ def test_restart_finds_queued_and_running_jobs_and_never_submits_twice(service_e
 def test_fair_share_orders_two_users_jobs(service_env, tmp_path):
     """One slot; alice queues three jobs, then bob one. Bob's job runs second, not fourth.
     Only the order matters here, so the jobs sleep instead of training."""
-    env = {**service_env, "LBGAT_WORKER_ENTRYPOINT": SLEEP.format(seconds=2)}
+    env = {**service_env, "LBGAT_WORKER_ENTRYPOINT": SLEEP.format(seconds=4)}
     admin = env["LBGAT_ADMIN_TOKEN"]
     service = ServiceProcess(env, tmp_path / "service.log").start()
     try:

@@ -169,7 +169,9 @@ def _queue(
     scheduler: SchedulerLike | None, experiments: Iterable[Experiment]
 ) -> dict[str, tuple[int, str]] | None:
     """Waiting jobs' (position, reason) as the scheduling policy orders them now."""
-    return scheduler.queue_view() if scheduler is not None else None
+    if scheduler is None:
+        return None
+    return scheduler.queue_view([e.id for e in experiments if e.state in jobs.WAITING_STATES])
 
 
 def _visible(sessions: sessionmaker[Session], experiment_id: str, user: User) -> Experiment:
