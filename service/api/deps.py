@@ -8,6 +8,7 @@ from typing import Annotated, Protocol
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import auth
@@ -74,6 +75,11 @@ def get_current_user(
         raise _unauthorized("missing API token: send `Authorization: Bearer <token>` (see `lbgat login`)")
     with sessions() as session:
         user = auth.authenticate(session, credentials.credentials)
+        if user is not None and auth.touch_token(session, credentials.credentials):
+            try:
+                session.commit()
+            except OperationalError:  # best effort: a busy SQLite writer must not fail the request
+                session.rollback()
     if user is None:
         raise _unauthorized("invalid or revoked API token")
     return user

@@ -46,7 +46,11 @@ def test_missing_bad_and_revoked_tokens_are_refused(api: Api) -> None:
         row = session.get(ApiToken, second["id"])
         assert row.token_hash == hash_token(second["token"]) and second["token"] not in row.token_hash
     laptop = api.client(second["token"])
+    with api.sessions() as session:
+        assert session.get(ApiToken, second["id"]).last_used_at is None
     assert laptop.get("/v1/users/me").json()["name"] == alice.name
+    with api.sessions() as session:  # the first use is recorded (later ones at most every 5 minutes)
+        assert session.get(ApiToken, second["id"]).last_used_at is not None
 
     assert alice.http.delete(f"/v1/tokens/{second['id']}").status_code == 204
     r = laptop.get("/v1/users/me")
