@@ -52,7 +52,7 @@ def _spec(key: str, teacher_checkpoint=None):
 
 
 def test_every_method_is_registered():
-    assert list_methods() == ["alp", "bgat", "lbgat", "natural", "pgd_at", "trades"]
+    assert list_methods() == ["alp", "bgat", "cat", "fat", "lbgat", "natural", "pgd_at", "trades"]
 
 
 @pytest.mark.parametrize("key", [*METHOD_SPECS, "bgat"])
