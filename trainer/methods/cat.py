@@ -27,6 +27,9 @@ from trainer import losses
 from trainer.methods import register_method
 from trainer.methods.base import AttackConfig, Method, StepOutput
 
+#: CW_inf confidence of CAT-cw on CIFAR (App. C.2)
+DEFAULT_KAPPA = 50.0
+
 
 @register_method
 class CAT(Method):
@@ -43,7 +46,7 @@ class CAT(Method):
             steps=self.threat.steps,
             loss="cw" if cw else "ce",
             random_start=self.threat.random_start or self.attack_random_start,
-            kappa=self.spec.kappa if cw else 0.0,
+            kappa=(DEFAULT_KAPPA if self.spec.kappa is None else self.spec.kappa) if cw else 0.0,
         )
 
     def build_auxiliary(self, experiment, in_channels) -> nn.Module:
