@@ -273,3 +273,12 @@ def test_resume_restores_mask_network_and_its_optimizer(tmp_path):
             )
     payload = resumed.checkpoint_payload()
     assert payload["auxiliary"] is not None and payload["auxiliary_optimizer"]["state"]
+
+
+def test_eval_suite_cat_is_the_papers_protocol():
+    import argparse
+
+    from trainer.cli import _suite
+
+    suite = _suite(argparse.Namespace(suite="cat", n_examples=None), own=None)
+    assert [a.label() for a in suite.attacks] == ["fgsm", "pgd20", "pgd100", "cw30", "square5000"]

@@ -133,6 +133,8 @@ class Method:
     def compute_loss(
         self, robust: nn.Module, teacher: nn.Module | None, x: Tensor, x_adv: Tensor | None, y: Tensor
     ) -> StepOutput:
+        """The training loss from training-mode forwards. Methods with an auxiliary network also
+        take it as the keyword argument `auxiliary` (the loop passes it only to them)."""
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:
