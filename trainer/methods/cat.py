@@ -16,6 +16,8 @@ Algorithm 1, per mini-batch:
 The paper gives no code; where it is silent (the mask network's input and upsampling, see
 trainer.models.cat_mask; g_phi's optimizer, here f's settings and schedule at `mask_lr`; f's mode
 in step 4, here training mode as in step 3), the choices are documented where they are made.
+The step reports no adversarial logits: f(x_cali) is neither the clean nor the adversarial
+prediction, so the epoch metrics show CAT's training accuracy on clean inputs only.
 """
 
 from __future__ import annotations

@@ -9,7 +9,9 @@ is unchanged from the base method. Variants, as the official scripts run them:
 - 'ce' (FAT.py): CE attack from a uniform start, omega 0.001 noise per step, CE on the friendly
   examples; dynamic tau 0, 1, 2 from epochs 51 and 91.
 The official code reorders the batch (stopped examples first) before the loss; the losses are
-per-example means, so keeping the order changes nothing.
+per-example means, so keeping the order changes nothing. One difference: the official 'trades'
+start x + 0.001*N(0,1) is clipped to [0, 1], ours is TRADES' unclipped start (the first step's
+projection clips it); only the very first early-stopping check can see the difference.
 """
 
 from __future__ import annotations
