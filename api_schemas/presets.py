@@ -155,7 +155,197 @@ def _build() -> dict[str, Preset]:
     return presets
 
 
-PRESETS: dict[str, Preset] = _build()
+# --------------------------------------------------------------------------- Calibrated AT (CAT)
+# Huang, Menkovski, Pei, Pechenizkiy, "Calibrated Adversarial Training": Sec. 5.1.1 and App. C.
+# CIFAR: l_inf eps 8/255, step 2/255, 10 steps (uniform random start), beta 5, beta1 0.05/0.1/0.3,
+# CW kappa 50; SGD momentum 0.9, wd 5e-4, lr 0.1, /10 at epochs 100 and 120 of 140 (CIFAR-100: 100,
+# 110 of 120); g_phi a ResNet-18 trunk. Batch 128 and crop+flip (not stated; the baselines' code).
+# Evaluation: FGSM, PGD-20/100 without random start (step 0.003), CW_inf (eps 0.031, step 0.003,
+# 30 steps, kappa 50, random start as the FAT code they follow), Square 5000 queries at 8/255.
+# Best checkpoint: highest clean + PGD-10 accuracy (App. C), here on 1000 held-out training images.
+# Baselines ran with their official code and settings: AT as Rice et al. (robust_overfitting),
+# TRADES (beta 6) as train_trades_cifar10.py, FAT for TRADES (beta 6) as FAT_for_TRADES.py.
+
+_CAT_EPS = 8 / 255
+_CAT_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100"}
+_CAT_ARCHS = {"preact18": "preact_resnet18", "wrn34": "wrn34_10"}
+#: (dataset, arch) -> (table, CAT's beta1 values in it, baselines in it)
+_CAT_TABLES: dict[tuple[str, str], tuple[str, tuple[float, ...], tuple[str, ...]]] = {
+    ("cifar10", "preact18"): ("Table 2", (0.05, 0.1, 0.3), ("at", "trades", "fat-trades")),
+    ("cifar10", "wrn34"): ("Table 3", (0.05, 0.1, 0.3), ("at", "trades", "fat-trades")),
+    ("cifar100", "preact18"): ("Table 7", (0.05, 0.1), ("at",)),
+}
+
+
+def _cat_protocol(eps: float, square: bool = True) -> list[dict[str, Any]]:
+    attacks: list[dict[str, Any]] = [
+        {"kind": "fgsm"},
+        {"kind": "pgd", "steps": 20, "step_size": 0.003, "random_start": "none"},
+        {"kind": "pgd", "steps": 100, "step_size": 0.003, "random_start": "none"},
+        {"kind": "pgd", "loss": "cw", "kappa": 50, "eps": 0.031, "steps": 30, "step_size": 0.003},
+    ]
+    if square:
+        attacks.append({"kind": "square", "n_queries": 5000, "eps": eps})
+    return attacks
+
+
+def _cat_common(name: str, description: str, dataset: str, arch: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "description": description,
+        "model": {"robust": {"name": _CAT_ARCHS[arch]}},
+        "dataset": {"name": _CAT_DATASETS[dataset], "root": "data", "val_size": 1000},
+        "evaluation": {"attacks": _cat_protocol(_CAT_EPS), "batch_size": 500},
+        "selection": {
+            "metric": "clean_plus_pgd",
+            "attack": {"name": "val_pgd10", "steps": 10, "step_size": None},
+        },
+        "checkpoint": {"every_n_epochs": 5, "keep_last": 2},
+        "output": {"dir": f"runs/{name}"},
+    }
+
+
+def _cat_method_spec(variant: str, beta1: float, dataset: str, arch: str, table: str) -> dict[str, Any]:
+    cifar100 = dataset == "cifar100"
+    name = f"cat-{variant}-b{beta1}-{dataset}-{arch}"
+    data = _cat_common(
+        name, f"CAT-{variant} (beta1={beta1}) on {dataset}, {_CAT_ARCHS[arch]}; CAT {table}", dataset, arch
+    )
+    data["method"] = {
+        "name": "cat",
+        "variant": variant,
+        "beta": 5.0,
+        "beta1": beta1,
+        "mask_model": "cat_mask_resnet18",
+    }
+    if variant == "cw":
+        data["method"]["kappa"] = 50.0
+    data["threat_model"] = {"norm": "linf", "eps": _CAT_EPS, "step_size": 2 / 255, "steps": 10}
+    data["optimization"] = {
+        "optimizer": "sgd",
+        "lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "batch_size": 128,
+        "epochs": 120 if cifar100 else 140,
+        "schedule": {"kind": "piecewise", "milestones": [100, 110] if cifar100 else [100, 120], "gamma": 0.1},
+    }
+    return data
+
+
+def _cat_baseline_spec(baseline: str, dataset: str, arch: str, table: str) -> dict[str, Any]:
+    """A baseline of CAT's tables with the settings of its own official code."""
+    prefix = "fat-trades" if baseline == "fat-trades" else f"cat-baseline-{baseline}"
+    name = f"{prefix}-{dataset}-{arch}"
+    label = {
+        "at": "AT (Madry), as Rice et al.'s robust_overfitting code runs it",
+        "trades": "TRADES (beta 6), official train_trades_cifar10.py settings",
+        "fat-trades": "FAT for TRADES (beta 6, dynamic tau), official FAT_for_TRADES.py settings",
+    }[baseline]
+    data = _cat_common(
+        name, f"{label}; on {dataset}, {_CAT_ARCHS[arch]}; baseline of CAT {table}", dataset, arch
+    )
+    sgd = {"optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "batch_size": 128}
+    if baseline == "at":
+        data["method"] = {"name": "pgd_at"}
+        data["threat_model"] = {"norm": "linf", "eps": _CAT_EPS, "step_size": 2 / 255, "steps": 10}
+        # lr 0.1, /10 at 50% and 75% of 200 epochs; Rice et al. pick the best checkpoint by PGD
+        data["optimization"] = {
+            **sgd,
+            "weight_decay": 5e-4,
+            "epochs": 200,
+            "schedule": {"kind": "piecewise", "milestones": [100, 150]},
+        }
+        data["selection"]["metric"] = "pgd_acc"
+    elif baseline == "trades":
+        data["method"] = {"name": "trades", "alpha": 6.0}
+        data["threat_model"] = {"norm": "linf", "eps": 0.031, "step_size": 0.007, "steps": 10}
+        # official: lr x0.1 from (1-based) epoch 75 of 80
+        data["optimization"] = {
+            **sgd,
+            "weight_decay": 2e-4,
+            "epochs": 80,
+            "schedule": {"kind": "piecewise", "milestones": [74]},
+        }
+    else:
+        data["method"] = {
+            "name": "fat",
+            "variant": "trades",
+            "alpha": 6.0,
+            "tau": 0,
+            "tau_milestones": [30, 50, 70],
+        }
+        data["threat_model"] = {"norm": "linf", "eps": 0.031, "step_size": 0.007, "steps": 10}
+        # official: 85 epochs, lr x0.1 from (1-based) epoch 75
+        data["optimization"] = {
+            **sgd,
+            "weight_decay": 2e-4,
+            "epochs": 85,
+            "schedule": {"kind": "piecewise", "milestones": [74]},
+        }
+    return data
+
+
+def _cat_mnist_spec(variant: str, eps: float) -> dict[str, Any]:
+    """CAT on MNIST (Table 1; App. C.1): CNN of adversarial-ml-tutorial.org, g_phi of Table 5."""
+    name = f"cat-{variant}-eps{eps}-mnist"
+    return {
+        "name": name,
+        "description": f"CAT-{variant} trained at eps {eps} on MNIST (beta 1, beta1 0.3); CAT Table 1",
+        "method": {
+            "name": "cat",
+            "variant": variant,
+            "beta": 1.0,
+            "beta1": 0.3,
+            "mask_model": "cat_mask_mnist_cnn",
+            **({"kappa": 150.0} if variant == "cw" else {}),
+        },
+        "model": {"robust": {"name": "cat_mnist_cnn"}},
+        "dataset": {"name": "mnist", "root": "data", "augment": False, "val_size": 1000},
+        "threat_model": {"norm": "linf", "eps": eps, "step_size": eps / 20, "steps": 20},
+        "optimization": {
+            "optimizer": "adam",
+            "lr": 1e-3,
+            "weight_decay": 0.0,
+            "batch_size": 128,
+            "epochs": 40,
+            "schedule": {"kind": "piecewise", "milestones": [30], "gamma": 0.1},
+        },
+        "evaluation": {
+            "attacks": [
+                {"kind": "pgd", "eps": 0.3, "steps": 20, "step_size": 0.015, "random_start": "none"},
+                {"kind": "pgd", "eps": 0.3, "steps": 100, "step_size": 0.015, "random_start": "none"},
+            ],
+            "batch_size": 500,
+        },
+        "selection": {
+            "metric": "clean_plus_pgd",
+            "attack": {"name": "val_pgd10", "steps": 10, "step_size": None},
+        },
+        "checkpoint": {"every_n_epochs": 5, "keep_last": 2},
+        "output": {"dir": f"runs/{name}"},
+    }
+
+
+def _cat_presets() -> dict[str, Preset]:
+    presets: dict[str, Preset] = {}
+
+    def add(data: dict[str, Any], source: str) -> None:
+        presets[data["name"]] = Preset(data["name"], data["description"], source, data)
+
+    for (dataset, arch), (table, beta1s, baselines) in _CAT_TABLES.items():
+        for variant in ("cent", "cw"):
+            for beta1 in beta1s:
+                add(_cat_method_spec(variant, beta1, dataset, arch, table), f"CAT {table}")
+        for baseline in baselines:
+            add(_cat_baseline_spec(baseline, dataset, arch, table), f"CAT {table} (baseline)")
+    for variant in ("cent", "cw"):
+        for eps in (0.3, 0.4):
+            add(_cat_mnist_spec(variant, eps), "CAT Table 1")
+    return presets
+
+
+PRESETS: dict[str, Preset] = {**_build(), **_cat_presets()}
 
 
 def list_presets() -> list[Preset]:

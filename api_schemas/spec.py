@@ -35,6 +35,9 @@ ModelName = Literal[
     "tiny_cnn",
 ]
 AutoAttackName = Literal["apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"]
+# The mask networks g_phi of Calibrated Adversarial Training (trainer.models, kind 'mask'); they map
+# (x, delta) to a soft mask, so they are not classifiers and cannot be a robust or teacher model.
+MaskModelName = Literal["cat_mask_mnist_cnn", "cat_mask_resnet18"]
 
 
 class _Strict(BaseModel):
@@ -64,6 +67,18 @@ class ThreatModel(_Strict):
     def _eps_in_box(self) -> ThreatModel:
         if self.norm == "linf" and self.eps > 1.0:
             raise ValueError("eps: an l_inf radius above 1 covers the whole [0,1] box; use e.g. 0.031")
+        return self
+
+    @model_validator(mode="after")
+    def _l2_sizes_explicit(self) -> ThreatModel:
+        # The defaults are l_inf sizes (8/255-ish); an l_2 ball of radius 0.031 is a no-op threat.
+        if self.norm == "l2":
+            for name in ("eps", "step_size"):
+                if name not in self.model_fields_set:
+                    raise ValueError(
+                        f"{name}: the default is an l_inf size; give the l_2 {name} explicitly "
+                        "(RAAT: eps 128/255 = 0.502, step_size 32/255 = 0.125)"
+                    )
         return self
 
 
@@ -130,8 +145,84 @@ class LBGATMethod(_GuidedMethod):
     )
 
 
+class CATMethod(_Strict):
+    """Calibrated Adversarial Training (Huang et al.): f_theta on calibrated examples x + M * delta.
+
+    delta comes from PGD-CE ('cent') or CW_inf ('cw') from a uniform start; the soft mask
+    M = g_phi(x, delta) in (0, 1) is learned by the mask network `mask_model` with its own optimizer
+    (the optimization settings and schedule of f_theta, at `mask_lr`). f_theta minimises Eq. 13,
+    CE(f(x), y) * (1 - p_y(x)) + beta * KL, then g_phi minimises Eq. 14, KL + beta1 * CE(f(x_cali), y).
+    """
+
+    name: Literal["cat"] = "cat"
+    variant: Literal["cent", "cw"] = "cent"
+    beta: float = Field(
+        5.0, ge=0, description="weight of the KL term on calibrated examples (Eq. 13); 1 on MNIST"
+    )
+    beta1: float = Field(
+        0.05, ge=0, description="weight of CE(f(x_cali), y) in g_phi's objective (Eq. 14): 0.05, 0.1, 0.3"
+    )
+    kappa: float | None = Field(
+        None,
+        ge=0,
+        description="CW_inf confidence of CAT-cw's attack; None: 50 (CIFAR; the paper's MNIST runs use 150)",
+    )
+    mask_model: MaskModelName = Field(
+        "cat_mask_resnet18",
+        description="g_phi: 'cat_mask_resnet18' (CIFAR, Table 6), 'cat_mask_mnist_cnn' (Table 5)",
+    )
+    mask_lr: float | None = Field(
+        None, gt=0, le=10, description="g_phi's initial learning rate (same schedule); None: optimization.lr"
+    )
+
+    @model_validator(mode="after")
+    def _kappa_only_for_cw(self) -> CATMethod:
+        if self.variant == "cent" and self.kappa is not None:
+            raise ValueError("kappa: only CAT-cw's CW_inf attack has a confidence; CAT-cent attacks with CE")
+        return self
+
+
+class FATMethod(_Strict):
+    """Friendly Adversarial Training (Zhang et al., ICML 2020): early-stopped PGD, tau steps past the boundary.
+
+    'trades' is FAT for TRADES (KL attack from x + 0.001*N(0,1), TRADES loss: the FAT baseline of
+    CAT's tables); 'ce' is FAT (CE attack from a uniform start, CE on the friendly examples).
+    tau grows by one at each of `tau_milestones` (0-based epochs, like lr milestones), the
+    official dynamic tau: FAT-TRADES 0,1,2,3 from epochs 30, 50, 70; FAT 0,1,2 from 50 and 90.
+    """
+
+    name: Literal["fat"] = "fat"
+    variant: Literal["trades", "ce"] = "trades"
+    alpha: float | None = Field(
+        None, ge=0, description="TRADES weight (the official code's --beta); None: 6 for 'trades'"
+    )
+    tau: int = Field(0, ge=0, le=1000, description="steps allowed past the first misclassified iterate")
+    tau_milestones: list[int] | None = Field(
+        None, description="epochs at which tau grows by one; None: the official dynamic tau of the variant"
+    )
+    omega: float | None = Field(
+        None, ge=0, description="std of the noise added to each attack step; None: 0 ('trades'), 0.001 ('ce')"
+    )
+
+    @field_validator("tau_milestones")
+    @classmethod
+    def _tau_milestones_increasing(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None:
+            if any(m < 1 for m in value):
+                raise ValueError("tau milestones must be epochs >= 1")
+            if any(b <= a for a, b in pairwise(value)):
+                raise ValueError("tau milestones must be strictly increasing")
+        return value
+
+    @model_validator(mode="after")
+    def _alpha_only_for_trades(self) -> FATMethod:
+        if self.variant == "ce" and self.alpha is not None:
+            raise ValueError("alpha: weights the TRADES KL term; the 'ce' variant trains with CE only")
+        return self
+
+
 MethodSpec = Annotated[
-    NaturalMethod | PGDATMethod | TradesMethod | ALPMethod | BGATMethod | LBGATMethod,
+    NaturalMethod | PGDATMethod | TradesMethod | ALPMethod | BGATMethod | LBGATMethod | CATMethod | FATMethod,
     Field(discriminator="name"),
 ]
 TEACHER_METHODS = ("lbgat", "bgat")
@@ -252,8 +343,11 @@ class _Attack(_Strict):
 
 
 class FGSMAttackSpec(_Attack):
+    """One step of size eps from x: the sign step (l_inf) or the normalised-gradient step (l_2)."""
+
     kind: Literal["fgsm"] = "fgsm"
     eps: float | None = Field(None, gt=0, description="default: the threat model's eps")
+    norm: Norm | None = Field(None, description="default: the threat model's norm")
 
     def label(self) -> str:
         return self.name or "fgsm"
@@ -265,7 +359,7 @@ class PGDAttackSpec(_Attack):
     kind: Literal["pgd"] = "pgd"
     eps: float | None = Field(None, gt=0, description="default: the threat model's eps")
     norm: Norm | None = Field(None, description="default: the threat model's norm")
-    step_size: float = Field(0.003, gt=0)
+    step_size: float | None = Field(0.003, gt=0, description="None: the threat model's step_size")
     steps: int = Field(20, ge=1, le=10000)
     loss: AttackLoss = "ce"
     kappa: float = Field(0.0, ge=0)
@@ -305,7 +399,7 @@ class TransferAttackSpec(_Attack):
     source_checkpoint: str
     eps: float | None = Field(None, gt=0)
     norm: Norm | None = None
-    step_size: float = Field(0.003, gt=0)
+    step_size: float | None = Field(0.003, gt=0, description="None: the threat model's step_size")
     steps: int = Field(20, ge=1)
     loss: AttackLoss = "ce"
     random_start: RandomStart = "uniform"
@@ -314,19 +408,42 @@ class TransferAttackSpec(_Attack):
         return self.name or "transfer"
 
 
+class SquareAttackSpec(_Attack):
+    """Square Attack (Andriushchenko et al., 2020): score-based black-box random search, via pyautoattack.
+
+    CAT's black-box evaluation (Table 4): 5000 queries at eps 8/255. p_init 0.8 and the fixed
+    p schedule (`rescale_schedule: false`) are AutoAttack's settings for its Square component.
+    """
+
+    kind: Literal["square"] = "square"
+    eps: float | None = Field(None, gt=0, description="default: the threat model's eps")
+    norm: Norm | None = Field(None, description="default: the threat model's norm")
+    n_queries: int = Field(5000, ge=1, le=1_000_000)
+    p_init: float = Field(0.8, gt=0, le=1, description="initial fraction of pixels in a square")
+    n_restarts: int = Field(1, ge=1)
+    rescale_schedule: bool = Field(
+        False, description="rescale the p schedule to n_queries (Square's default)"
+    )
+    seed: int = Field(0, ge=0)
+    n_examples: int | None = Field(None, ge=1, description="attack only the first n evaluated images")
+
+    def label(self) -> str:
+        return self.name or f"square{self.n_queries}"
+
+
 AttackSpec = Annotated[
-    FGSMAttackSpec | PGDAttackSpec | AutoAttackSpec | TransferAttackSpec,
+    FGSMAttackSpec | PGDAttackSpec | AutoAttackSpec | TransferAttackSpec | SquareAttackSpec,
     Field(discriminator="kind"),
 ]
 
 
 def lbgat_protocol() -> list[AttackSpec]:
-    """White-box suite of the LBGAT paper, Sec. 4 and Table 3 (AutoAttack added by presets)."""
-    return [
-        FGSMAttackSpec(),
-        PGDAttackSpec(step_size=0.003, steps=20, loss="ce"),
-        PGDAttackSpec(step_size=0.003, steps=20, loss="cw"),
-    ]
+    """White-box suite of the LBGAT paper, Sec. 4 and Table 3 (AutoAttack added by presets).
+
+    The PGD step is the field default (0.003, an l_inf step), so that an l_2 spec that keeps this
+    suite is refused until it names l_2 step sizes (see ExperimentSpec).
+    """
+    return [FGSMAttackSpec(), PGDAttackSpec(steps=20, loss="ce"), PGDAttackSpec(steps=20, loss="cw")]
 
 
 class EvaluationSpec(_Strict):
@@ -347,9 +464,12 @@ class EvaluationSpec(_Strict):
 class SelectionSpec(_Strict):
     """Best-checkpoint selection on a held-out split of the training set (dataset.val_size)."""
 
-    metric: Literal["pgd_acc", "clean_acc", "nrr"] | None = None
+    metric: Literal["pgd_acc", "clean_acc", "nrr", "clean_plus_pgd"] | None = Field(
+        None, description="clean_plus_pgd: clean + PGD accuracy, CAT's criterion; pgd_acc: RAAT's"
+    )
     attack: PGDAttackSpec = Field(
-        default_factory=lambda: PGDAttackSpec(name="val_pgd10", step_size=0.007, steps=10)
+        default_factory=lambda: PGDAttackSpec(name="val_pgd10", step_size=None, steps=10),
+        description="PGD-10 with the training attack's step from a random start by default",
     )
     every_n_epochs: int = Field(1, ge=1)
 
@@ -516,6 +636,33 @@ class ExperimentSpec(_Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _attack_sizes_fit_norm(self) -> ExperimentSpec:
+        """l_2 attacks need l_2 step sizes: the PGD default step (0.003) is an l_inf step."""
+        located = [(f"evaluation.attacks[{i}]", a) for i, a in enumerate(self.evaluation.attacks)]
+        located.append(("selection.attack", self.selection.attack))
+        for where, attack in located:
+            if not isinstance(attack, PGDAttackSpec | TransferAttackSpec):
+                continue
+            norm = attack.norm or self.threat_model.norm
+            if norm == "l2" and attack.step_size is not None and "step_size" not in attack.model_fields_set:
+                raise ValueError(
+                    f"{where}.step_size: the default 0.003 is an l_inf step; give an l_2 step "
+                    "(e.g. eps/4) or null for the threat model's step_size"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _cat_attack_from_variant(self) -> ExperimentSpec:
+        if self.method.name == "cat":
+            if self.threat_model.loss is not None:
+                raise ValueError(
+                    "threat_model.loss: CAT's attack follows method.variant ('cent': CE, 'cw': CW_inf); leave it unset"
+                )
+            if self.threat_model.kappa != 0:
+                raise ValueError("threat_model.kappa: CAT-cw's confidence is method.kappa")
+        return self
+
     def output_dir(self) -> Path:
         return Path(self.output.dir or f"runs/{self.name}")
 
@@ -551,6 +698,9 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
             "pgd",
             "autoattack",
             "transfer",
+            "cat",
+            "fat",
+            "square",
         }:
             continue
         else:
@@ -566,7 +716,7 @@ def validation_errors(exc: ValidationError) -> list[dict[str, str]]:
         # model-level validators name their own field first ("alpha: ..."): fold it into the path
         if ": " in msg and err["type"] == "value_error":
             field, _, rest = msg.partition(": ")
-            if field.replace(".", "").replace("_", "").isalnum():
+            if field.translate(str.maketrans("", "", "._[]")).isalnum():
                 loc = f"{loc}.{field}" if loc else field
                 msg = rest
         errors.append({"loc": loc, "msg": msg})

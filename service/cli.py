@@ -48,6 +48,8 @@ def _cmd_presets(args: argparse.Namespace) -> int:
         label = method["name"] + (
             f" ({method['regularizer']}, alpha={method.get('alpha', 0)})" if method.get("regularizer") else ""
         )
+        if method.get("variant"):  # CAT-cent / CAT-cw, FAT for TRADES / CE
+            label += f" ({method['variant']})"
         table.add_row(p.name, label, p.data["dataset"]["name"], p.source)
     Console().print(table)
     return 0
@@ -954,7 +956,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--suite",
         help="evaluation suite: 'spec' (the checkpoint's own, default), 'lbgat' (the paper's "
-        "FGSM/PGD-20/CW-20/AutoAttack), or a YAML/JSON file holding an `evaluation` section",
+        "FGSM/PGD-20/CW-20/AutoAttack), 'cat' (CAT's FGSM/PGD-20/PGD-100 without random start, "
+        "CW_inf-30 kappa 50, Square 5000), or a YAML/JSON file holding an `evaluation` section",
     )
     ev.add_argument("--n-examples", type=_positive_int, help="evaluate on the first N test images")
     ev.add_argument("--which", choices=["robust", "teacher"], default="robust")

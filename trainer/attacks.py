@@ -1,4 +1,5 @@
-"""The one attack implementation: PGD (l_inf, l_2; CE, KL, CW objectives) and FGSM.
+"""The one attack implementation: PGD (l_inf, l_2; CE, KL, CW objectives), its early-stopped form
+(FAT) and FGSM / the fast gradient method.
 
 Attacks never change a model's train/eval mode and never touch parameter gradients (they take
 gradients with respect to the input only); the caller decides the modes, as each method's official
@@ -99,15 +100,29 @@ def pgd(
     kappa: float = 0.0,
     logits_clean: Tensor | None = None,
     generator: torch.Generator | None = None,
+    early_stop_tau: int | None = None,
+    step_noise: float = 0.0,
 ) -> Tensor:
     """Projected gradient ascent on `loss` within the `norm` ball of radius eps around x.
 
     For loss='kl' the target distribution softmax(f(x)) is computed once (or taken from
     `logits_clean`) instead of at every step as the official code does: the model is in eval mode
     during the attack, so both give the same examples while this one saves `steps` forward passes.
+
+    `early_stop_tau` turns this into the early-stopped PGD of Friendly Adversarial Training (Zhang
+    et al., ICML 2020, Alg. 1; official `earlystop.py`): before each step every example is checked,
+    and one that the model misclassifies with no budget left is frozen where it is; a misclassified
+    example with budget left spends one unit and keeps going. Each example starts with a budget of
+    tau, so tau=0 stops at the first misclassified iterate and tau=k takes k more steps on
+    misclassified iterates. Frozen examples are not forwarded again (the official code drops them
+    from the batch too). `step_noise` adds omega * N(0, 1) to every step, FAT's `omega`.
     """
     if eps <= 0 or step_size <= 0 or steps < 0:
         raise ValueError(f"eps, step_size must be > 0 and steps >= 0 (got {eps}, {step_size}, {steps})")
+    if early_stop_tau is not None and early_stop_tau < 0:
+        raise ValueError(f"early_stop_tau must be >= 0 or None (got {early_stop_tau})")
+    if step_noise < 0:
+        raise ValueError(f"step_noise must be >= 0 (got {step_noise})")
     x = x.detach()
     p_clean = None
     if loss == "kl":
@@ -116,20 +131,97 @@ def pgd(
                 logits_clean = model(x)
         p_clean = F.softmax(logits_clean.detach().float(), dim=1)
     x_adv = _start(x, eps, norm, random_start, generator)
+    if early_stop_tau is not None:
+        return _pgd_early_stopped(
+            model,
+            x,
+            y,
+            x_adv,
+            p_clean,
+            eps=eps,
+            step_size=step_size,
+            steps=steps,
+            norm=norm,
+            loss=loss,
+            kappa=kappa,
+            tau=early_stop_tau,
+            step_noise=step_noise,
+            generator=generator,
+        )
     for _ in range(steps):
         x_adv.requires_grad_(True)
         with torch.enable_grad():
             objective = _objective(model(x_adv), y, loss, p_clean, kappa)
             (grad,) = torch.autograd.grad(objective, [x_adv])
         with torch.no_grad():
-            if norm == "linf":
-                x_adv = x_adv.detach() + step_size * grad.sign()
-            else:
-                x_adv = x_adv.detach() + step_size * grad / (_l2_norm(grad) + 1e-8)
+            x_adv = _ascend(x_adv.detach(), grad, step_size, norm, step_noise, generator)
             x_adv = project(x_adv, x, eps, norm)
     return project(x_adv.detach(), x, eps, norm)
 
 
-def fgsm(model: nn.Module, x: Tensor, y: Tensor, *, eps: float) -> Tensor:
-    """Fast Gradient Sign Method: one l_inf step of size eps on the CE loss, from x."""
-    return pgd(model, x, y, eps=eps, step_size=eps, steps=1, norm="linf", loss="ce", random_start="none")
+def _ascend(
+    x_adv: Tensor, grad: Tensor, step_size: float, norm: Norm, noise: float, generator: torch.Generator | None
+) -> Tensor:
+    if norm == "linf":
+        x_adv = x_adv + step_size * grad.sign()
+    else:
+        x_adv = x_adv + step_size * grad / (_l2_norm(grad) + 1e-8)
+    if noise > 0:
+        x_adv = x_adv + noise * torch.randn(
+            x_adv.shape, device=x_adv.device, dtype=x_adv.dtype, generator=generator
+        )
+    return x_adv
+
+
+def _pgd_early_stopped(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    x_adv: Tensor,
+    p_clean: Tensor | None,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    norm: Norm,
+    loss: Objective,
+    kappa: float,
+    tau: int,
+    step_noise: float,
+    generator: torch.Generator | None,
+) -> Tensor:
+    """PGD whose examples stop one by one (see `pgd`); only the still-active examples are forwarded.
+
+    Examples are independent in the attack (eval-mode model, objectives summed per example), so
+    forwarding the active subset gives each one the gradient it would get in the full batch.
+    """
+    budget = torch.full((x.shape[0],), tau, dtype=torch.long, device=x.device)
+    active = torch.arange(x.shape[0], device=x.device)
+    x_adv = x_adv.detach().clone()
+    for _ in range(steps):
+        if active.numel() == 0:
+            break
+        current = x_adv[active].requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(current)
+            target = None if p_clean is None else p_clean[active]
+            objective = _objective(logits, y[active], loss, target, kappa)
+            (grad,) = torch.autograd.grad(objective, [current])
+        with torch.no_grad():
+            wrong = logits.argmax(1) != y[active]
+            exhausted = budget[active] == 0
+            budget[active[wrong & ~exhausted]] -= 1
+            keep = ~(wrong & exhausted)
+            active, grad, current = active[keep], grad[keep], current.detach()[keep]
+            moved = _ascend(current, grad, step_size, norm, step_noise, generator)
+            x_adv[active] = project(moved, x[active], eps, norm)
+    return project(x_adv.detach(), x, eps, norm)
+
+
+def fgsm(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: Norm = "linf") -> Tensor:
+    """Fast Gradient Sign Method: one step of size eps on the CE loss, from x.
+
+    For norm='l2' it is the fast gradient method of the l_2 threat model: one step of length eps
+    along the l_2-normalised gradient (the sign step would leave the l_2 ball).
+    """
+    return pgd(model, x, y, eps=eps, step_size=eps, steps=1, norm=norm, loss="ce", random_start="none")

@@ -1,7 +1,7 @@
 """Checkpoint format: everything needed to resume a run exactly, and to rebuild its models alone.
 
-A checkpoint is one torch file holding the robust model, the teacher, the optimizer, the epoch,
-RNG states, the resolved spec and the architecture facts (classes, channels) that the spec alone
+A checkpoint is one torch file holding the robust model, the teacher, the optimizer, a method's
+auxiliary network and its optimizer (CAT's mask network), the epoch, RNG states, the resolved spec and the architecture facts (classes, channels) that the spec alone
 does not give. It is written to a temporary file and renamed, so readers see it whole or not at all.
 """
 

@@ -92,6 +92,10 @@ def _suite(args: argparse.Namespace, own: EvaluationSpec) -> EvaluationSpec:
         suite = own
     elif args.suite == "lbgat":
         suite = PRESETS["lbgat-cifar10"].spec().evaluation
+    elif (
+        args.suite == "cat"
+    ):  # CAT's CIFAR protocol: FGSM, PGD-20/100 (no random start), CW_inf-30, Square-5000
+        suite = PRESETS["cat-cent-b0.05-cifar10-preact18"].spec().evaluation
     else:
         data = read_spec_file(args.suite)
         if not isinstance(data, dict):

@@ -1,4 +1,4 @@
-"""The evaluation suite: clean accuracy, FGSM, PGD-k (CE/CW/KL), AutoAttack and black-box transfer.
+"""The evaluation suite: clean accuracy, FGSM, PGD-k (CE/CW/KL), AutoAttack, Square and black-box transfer.
 
 Evaluation always runs in fp32 with the model in eval mode (the mode is restored afterwards): a
 reduced-precision or training-mode forward can mask gradients and overstate robustness.
@@ -22,6 +22,7 @@ from api_schemas import (
     EvaluationSpec,
     FGSMAttackSpec,
     PGDAttackSpec,
+    SquareAttackSpec,
     ThreatModel,
     TransferAttackSpec,
 )
@@ -75,7 +76,7 @@ def _pgd_kwargs(attack: PGDAttackSpec | TransferAttackSpec, threat: ThreatModel)
     kwargs = {
         "eps": eps,
         "norm": norm,
-        "step_size": attack.step_size,
+        "step_size": attack.step_size if attack.step_size is not None else threat.step_size,
         "steps": attack.steps,
         "loss": attack.loss,
         "random_start": attack.random_start,
@@ -109,9 +110,9 @@ def _white_box(
     model: nn.Module, dataset: ArrayDataset, attack: Any, threat: ThreatModel, batch_size: int, device
 ) -> tuple[float, dict]:
     if isinstance(attack, FGSMAttackSpec):
-        eps, _ = _resolve(attack, threat)
-        run = lambda x, y: attacks.fgsm(model, x, y, eps=eps)  # noqa: E731
-        params: dict[str, Any] = {"eps": eps, "norm": "linf"}
+        eps, norm = _resolve(attack, threat)
+        run = lambda x, y: attacks.fgsm(model, x, y, eps=eps, norm=norm)  # noqa: E731
+        params: dict[str, Any] = {"eps": eps, "norm": norm}
     else:
         params = _pgd_kwargs(attack, threat)
         run = lambda x, y: attacks.pgd(model, x, y, **params)  # noqa: E731
@@ -184,6 +185,64 @@ def _autoattack(
     return correct / max(len(y), 1), params
 
 
+def _square(
+    model: nn.Module,
+    dataset: ArrayDataset,
+    attack: SquareAttackSpec,
+    threat: ThreatModel,
+    batch_size: int,
+    device,
+) -> tuple[float, dict]:
+    """Square Attack through pyautoattack's implementation, batch by batch.
+
+    pyautoattack's Square reseeds torch's global generator from `seed`; the attack runs inside
+    `fork_rng` so that evaluating never changes the random stream of the run that asked for it.
+    """
+    from pyautoattack.square import SquareAttack
+
+    eps, norm = _resolve(attack, threat)
+    square = SquareAttack(
+        model,
+        norm=_AA_NORMS[norm],
+        n_queries=attack.n_queries,
+        eps=eps,
+        p_init=attack.p_init,
+        n_restarts=attack.n_restarts,
+        seed=attack.seed,
+        verbose=False,
+        resc_schedule=attack.rescale_schedule,
+        device=device,
+    )
+    devices = [torch.device(device)] if torch.device(device).type == "cuda" else []
+    correct = 0
+    for x, y in _batches(dataset, batch_size, device):
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            x_adv = square.perturb(x, y)
+            _check_in_ball(x_adv, x, eps, norm, "Square")
+            correct += (model(x_adv).argmax(1) == y).sum().item()
+    params = {
+        "eps": eps,
+        "norm": norm,
+        "n_queries": attack.n_queries,
+        "p_init": attack.p_init,
+        "n_restarts": attack.n_restarts,
+        "seed": attack.seed,
+    }
+    return correct / max(len(dataset), 1), params
+
+
+def _check_in_ball(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str, who: str) -> None:
+    """Refuse a result from an external attack implementation that left the threat model."""
+    delta = (x_adv - x).flatten(1)
+    size = delta.abs().amax(1) if norm == "linf" else delta.norm(dim=1)
+    if size.max().item() > eps * (1 + 1e-4) + 1e-6:
+        raise RuntimeError(
+            f"{who} returned a perturbation of {norm} size {size.max().item():.5f} > eps {eps}"
+        )
+    if x_adv.min().item() < -1e-6 or x_adv.max().item() > 1 + 1e-6:
+        raise RuntimeError(f"{who} returned an input outside the [0, 1] box")
+
+
 def evaluate(
     model: nn.Module,
     dataset: ArrayDataset,
@@ -204,6 +263,9 @@ def evaluate(
             if isinstance(attack, AutoAttackSpec):
                 subset = _first(data, attack.n_examples)
                 acc, params = _autoattack(model, subset, attack, threat, spec.batch_size, device)
+            elif isinstance(attack, SquareAttackSpec):
+                subset = _first(data, attack.n_examples)
+                acc, params = _square(model, subset, attack, threat, spec.batch_size, device)
             elif isinstance(attack, TransferAttackSpec):
                 acc, params = _transfer(model, subset, attack, threat, spec.batch_size, device)
             else:

@@ -166,12 +166,27 @@ class TrainingRun:
         teacher = self.method.build_teacher(spec, self.num_classes, self.in_channels)
         self.teacher = None if teacher is None else teacher.to(self.rt.device, memory_format=memory_format)
         self.optimizer = self._make_optimizer()
+        # A method's own auxiliary network (CAT's mask network g_phi) with its own optimizer.
+        auxiliary = self.method.build_auxiliary(spec, self.in_channels)
+        self.auxiliary = (
+            None if auxiliary is None else auxiliary.to(self.rt.device, memory_format=memory_format)
+        )
+        self.auxiliary_optimizer = (
+            None
+            if self.auxiliary is None
+            else self._build_optimizer([{"params": list(self.auxiliary.parameters())}])
+        )
+        aux_lr = self.method.auxiliary_lr()
+        self._auxiliary_lr_scale = 1.0 if aux_lr is None else aux_lr / spec.optimization.lr
         # What the step runs. The plain modules own the weights (checkpoints, optimizer); the loss
         # forwards go through robust_fn/teacher_fn (compiled and, on Ray, DDP-wrapped), the attack
         # through attack_fn, never DDP: an input-gradient pass must not start a gradient all-reduce.
         self.robust_fn: nn.Module = self._compiled(self.robust)
         self.attack_fn: nn.Module = self.robust_fn
         self.teacher_fn: nn.Module | None = None if self.teacher is None else self._compiled(self.teacher)
+        self.auxiliary_fn: nn.Module | None = (
+            None if self.auxiliary is None else self._compiled(self.auxiliary)
+        )
 
         self.epoch = 0  # completed epochs
         self.history: list[dict[str, Any]] = []
@@ -181,11 +196,14 @@ class TrainingRun:
     # ------------------------------------------------------------------ construction
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
-        opt = self.spec.optimization
         # One optimizer over both models, as Algorithm 1 and the official script (two param groups).
         groups = [{"params": list(self.robust.parameters())}]
         if self.teacher is not None and self.method.trains_teacher:
             groups.append({"params": list(self.teacher.parameters())})
+        return self._build_optimizer(groups)
+
+    def _build_optimizer(self, groups: list[dict[str, Any]]) -> torch.optim.Optimizer:
+        opt = self.spec.optimization
         if opt.optimizer == "sgd":
             return torch.optim.SGD(
                 groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, nesterov=opt.nesterov
@@ -211,12 +229,19 @@ class TrainingRun:
         if self.teacher is not None:
             trained = self.method.trains_teacher
             self.teacher_fn = self._compiled(wrap(self.teacher) if trained else self.teacher)
+        if self.auxiliary is not None:
+            if sync_batchnorm:
+                self.auxiliary = nn.SyncBatchNorm.convert_sync_batchnorm(self.auxiliary)
+            self.auxiliary_fn = self._compiled(wrap(self.auxiliary))
 
     # ------------------------------------------------------------------ training
 
     def _set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if self.auxiliary_optimizer is not None:
+            for group in self.auxiliary_optimizer.param_groups:
+                group["lr"] = lr * self._auxiliary_lr_scale
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One optimisation step; returns the (detached) loss and per-batch correct counts."""
@@ -229,10 +254,14 @@ class TrainingRun:
                 x_adv = method.generate(self.attack_fn, x, y)
             self.robust.train()
             _set_mode(self.teacher, "train" if method.trains_teacher else "eval")
-            out = method.compute_loss(self.robust_fn, self.teacher_fn, x, x_adv, y)
+            _set_mode(self.auxiliary, "train")
+            extra = {} if self.auxiliary_fn is None else {"auxiliary": self.auxiliary_fn}
+            out = method.compute_loss(self.robust_fn, self.teacher_fn, x, x_adv, y, **extra)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         self.optimizer.step()
+        if self.auxiliary is not None:
+            self._auxiliary_step(out, y)
         counts = {}
         with torch.no_grad():
             for key, logits in (
@@ -244,10 +273,25 @@ class TrainingRun:
                     counts[key] = (logits.argmax(1) == y).sum()
         return out.loss.detach(), counts
 
+    def _auxiliary_step(self, out: Any, y: torch.Tensor) -> None:
+        """Second update of the step (CAT: phi by Eq. 14 after theta by Eq. 13), by its own optimizer.
+
+        The robust model runs undistributed (attack_fn): this backward fills the auxiliary
+        network's gradients only (`inputs=`), so a DDP-wrapped robust model must not expect one.
+        """
+        assert self.auxiliary is not None and self.auxiliary_optimizer is not None
+        _set_mode(self.robust, self.method.robust_mode_during_auxiliary)
+        with self.rt.autocast():
+            loss = self.method.auxiliary_loss(self.attack_fn, out, y)
+        self.auxiliary_optimizer.zero_grad(set_to_none=True)
+        loss.backward(inputs=list(self.auxiliary.parameters()))
+        self.auxiliary_optimizer.step()
+
     def train_epoch(self, *, progress: bool = False) -> EpochMetrics:
         """Train one epoch (the next one) and return its metrics; does not checkpoint."""
         epoch = self.epoch
         self.loader.set_epoch(epoch)
+        self.method.set_epoch(epoch)
         steps = len(self.loader)
         loss_sum = torch.zeros((), device=self.rt.device)
         correct: dict[str, torch.Tensor] = {}
@@ -328,7 +372,7 @@ class TrainingRun:
         metrics.val = self.validate()
         if spec.selection.metric is None:
             return False
-        value = metrics.val[spec.selection.metric]
+        value = _selection_value(metrics.val, spec.selection.metric)
         if self.best_metric is not None and value <= self.best_metric:
             return False
         self.best_metric, self.best_epoch = value, self.epoch
@@ -345,6 +389,10 @@ class TrainingRun:
             "robust": self.robust.state_dict(),
             "teacher": None if self.teacher is None else self.teacher.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            "auxiliary": None if self.auxiliary is None else self.auxiliary.state_dict(),
+            "auxiliary_optimizer": (
+                None if self.auxiliary_optimizer is None else self.auxiliary_optimizer.state_dict()
+            ),
             "rng": ckpt.rng_state(),
             "history": self.history,
             "best_metric": self.best_metric,
@@ -363,6 +411,14 @@ class TrainingRun:
         if self.teacher is not None and payload.get("teacher") is not None and self.method.trains_teacher:
             self.teacher.load_state_dict(payload["teacher"])
         self.optimizer.load_state_dict(payload["optimizer"])
+        if self.auxiliary is not None:
+            if payload.get("auxiliary") is None or payload.get("auxiliary_optimizer") is None:
+                raise ckpt.CheckpointError(
+                    f"the checkpoint has no state for {self.spec.method.name}'s auxiliary network; cannot resume"
+                )
+            self.auxiliary.load_state_dict(payload["auxiliary"])
+            assert self.auxiliary_optimizer is not None
+            self.auxiliary_optimizer.load_state_dict(payload["auxiliary_optimizer"])
         self.epoch = payload["epoch"]
         self.history = list(payload.get("history", []))
         self.best_metric = payload.get("best_metric")
@@ -509,6 +565,13 @@ class TrainingRun:
             progress=self.spec.runtime.progress,
         )
         return report.model_copy(update={"checkpoint": checkpoint, "epoch": epoch})
+
+
+def _selection_value(val: dict[str, float], metric: str) -> float:
+    """The number best-checkpoint selection maximises; 'clean_plus_pgd' is CAT's criterion (App. C)."""
+    if metric == "clean_plus_pgd":
+        return val["clean_acc"] + val["pgd_acc"]
+    return val[metric]
 
 
 def _brief(m: EpochMetrics) -> str:

@@ -16,7 +16,7 @@ from torch import Tensor
 
 Regularizer = Literal["none", "alp", "trades"] | None
 
-__all__ = ["alp", "bgat", "lbgat", "natural", "pgd_at", "trades", "trades_kl"]
+__all__ = ["alp", "bgat", "cat", "cat_mask", "fat", "lbgat", "natural", "pgd_at", "trades", "trades_kl"]
 
 
 def trades_kl(logits_nat: Tensor, logits_adv: Tensor) -> Tensor:
@@ -100,3 +100,51 @@ def bgat(
     if robust_ce:
         loss = loss + F.cross_entropy(logits_adv, y)
     return loss
+
+
+def cat(logits_nat: Tensor, logits_cali: Tensor, y: Tensor, beta: float) -> Tensor:
+    """Calibrated AT, Eq. 13 (f_theta's objective): CE(f(x), y) * (1 - p_y(x)) + beta * KL.
+
+    The first term is the paper's surrogate phi (Eq. 8), a loss in its own right, so its gradient
+    flows through both factors (the weight 1 - p_y(x) is not detached). The KL is read as TRADES
+    writes it in the paper's own notation (App. H: "KL(P(Y|X')||P(Y|X))" for TRADES' term, whose code
+    is KL(p(x) || p(x'))): KL(softmax(f(x)) || softmax(f(x_cali))), summed over classes and averaged
+    over the batch, with gradients into both logits. `logits_cali` are f's logits on x + M * delta
+    with the mask M held fixed (g_phi is trained by `cat_mask`, not by this loss).
+    """
+    ce = F.cross_entropy(logits_nat, y, reduction="none")
+    p_true = F.softmax(logits_nat, dim=1).gather(1, y.unsqueeze(1)).squeeze(1)
+    return (ce * (1.0 - p_true)).mean() + beta * trades_kl(logits_nat, logits_cali)
+
+
+def cat_mask(logits_cali: Tensor, logits_adv: Tensor, y: Tensor, beta1: float) -> Tensor:
+    """Calibrated AT, Eq. 14 (g_phi's objective): KL(f(x') || f(x_cali)) + beta1 * CE(f(x_cali), y).
+
+    The KL keeps x_cali close to the adversarial example x' (the inner maximisation), the CE keeps
+    it in class y (the oracle constraint). x' does not depend on phi, so `logits_adv` is a fixed
+    target (detached); the gradient reaches g_phi through `logits_cali` only. KL orientation and
+    reduction as in `cat`.
+    """
+    return trades_kl(logits_adv.detach(), logits_cali) + beta1 * F.cross_entropy(logits_cali, y)
+
+
+def fat(
+    logits_adv: Tensor,
+    y: Tensor,
+    *,
+    logits_nat: Tensor | None = None,
+    alpha: float = 6.0,
+    variant: Literal["trades", "ce"] = "trades",
+) -> Tensor:
+    """Friendly AT changes only the inner maximisation (early-stopped PGD); its outer loss is its base's.
+
+    variant 'trades' (FAT for TRADES): `trades(logits_nat, logits_adv, y, alpha)`; variant 'ce'
+    (FAT): CE(f(x_adv), y), as the official FAT scripts train on the friendly examples.
+    """
+    if variant == "ce":
+        return F.cross_entropy(logits_adv, y)
+    if variant == "trades":
+        if logits_nat is None:
+            raise ValueError("logits_nat: FAT for TRADES needs the clean logits f(x)")
+        return trades(logits_nat, logits_adv, y, alpha)
+    raise ValueError(f"variant: unknown FAT variant {variant!r}; use 'trades' or 'ce'")

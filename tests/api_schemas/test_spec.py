@@ -30,6 +30,21 @@ PAPER_METHODS = (
 )
 PAPER_DATASETS = ("cifar10", "cifar100", "tiny-imagenet")
 PAPER_PRESETS = [f"{m}-{d}" for m in PAPER_METHODS for d in PAPER_DATASETS]
+# Calibrated AT: Tables 2 (CIFAR-10, PreAct ResNet-18), 3 (WRN-34-10), 7 (CIFAR-100), 1 (MNIST)
+CAT_PRESETS = [
+    *(
+        f"cat-{v}-b{b}-cifar10-{a}"
+        for v in ("cent", "cw")
+        for b in (0.05, 0.1, 0.3)
+        for a in ("preact18", "wrn34")
+    ),
+    *(f"cat-{v}-b{b}-cifar100-preact18" for v in ("cent", "cw") for b in (0.05, 0.1)),
+    *(f"cat-baseline-{m}-cifar10-{a}" for m in ("at", "trades") for a in ("preact18", "wrn34")),
+    "cat-baseline-at-cifar100-preact18",
+    "fat-trades-cifar10-preact18",
+    "fat-trades-cifar10-wrn34",
+    *(f"cat-{v}-eps{e}-mnist" for v in ("cent", "cw") for e in (0.3, 0.4)),
+]
 
 
 def _data(preset: str = "lbgat-cifar10") -> dict[str, Any]:
@@ -51,8 +66,8 @@ def _locs(data: dict[str, Any]) -> list[str]:
 
 
 def test_preset_names_are_the_paper_grid_plus_digits():
-    assert set(PRESETS) == {*PAPER_PRESETS, "digits"}
-    assert len(PRESETS) == 31
+    assert set(PRESETS) == {*PAPER_PRESETS, *CAT_PRESETS, "digits"}
+    assert len(PRESETS) == 31 + 27
     assert [p.name for p in list_presets()] == sorted(PRESETS)
 
 

@@ -1,6 +1,6 @@
 """On a real dataset (scikit-learn's digits), adversarial training buys clearly more PGD robustness.
 
-Same model, data, schedule and PGD-20 evaluation for all three runs; only the method differs.
+Same model, data, schedule and PGD-20 evaluation for all runs; only the method differs.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ METHODS = {
     "natural": ["method={name: natural}", "model.teacher=null"],
     "pgd_at": ["method={name: pgd_at}", "model.teacher=null"],
     "lbgat": [],  # the preset itself: LBGAT+TRADES(alpha=0)
+    "cat": ["method={name: cat, mask_model: cat_mask_mnist_cnn}", "model.teacher=null"],  # CAT-cent
+    "fat": ["method={name: fat}", "model.teacher=null"],  # FAT for TRADES
 }
 
 
@@ -38,7 +40,7 @@ def results(tmp_path_factory):
 def test_adversarial_training_beats_natural_training_on_pgd(results):
     nat_clean, nat_pgd = results["natural"]
     assert nat_clean > 0.95
-    for name in ("pgd_at", "lbgat"):
+    for name in ("pgd_at", "lbgat", "cat", "fat"):
         clean, pgd = results[name]
         assert pgd > nat_pgd + 0.2, f"{name}: PGD-20 accuracy {pgd:.3f} vs natural {nat_pgd:.3f}"
         assert clean > 0.9, f"{name}: clean accuracy {clean:.3f}"

@@ -21,6 +21,10 @@ METHOD_SPECS = {
     "lbgat": {"name": "lbgat", "regularizer": "trades", "alpha": 6.0},
     "lbgat_alp": {"name": "lbgat", "regularizer": "alp", "alpha": 1.0, "robust_ce": True},
     "lbgat_ce_attack": {"name": "lbgat"},
+    "cat": {"name": "cat", "mask_model": "cat_mask_mnist_cnn", "beta1": 0.1},
+    "cat_cw": {"name": "cat", "variant": "cw", "mask_model": "cat_mask_mnist_cnn"},
+    "fat": {"name": "fat", "tau": 1, "tau_milestones": []},
+    "fat_ce": {"name": "fat", "variant": "ce"},
 }
 
 
@@ -52,7 +56,7 @@ def _spec(key: str, teacher_checkpoint=None):
 
 
 def test_every_method_is_registered():
-    assert list_methods() == ["alp", "bgat", "lbgat", "natural", "pgd_at", "trades"]
+    assert list_methods() == ["alp", "bgat", "cat", "fat", "lbgat", "natural", "pgd_at", "trades"]
 
 
 @pytest.mark.parametrize("key", [*METHOD_SPECS, "bgat"])

@@ -2,6 +2,11 @@
 
 The shared loop (trainer.loop) sets train/eval modes, runs the attack through `generate`, calls
 `compute_loss` and steps the optimizer; a method never does any of those itself.
+
+A method may own an auxiliary network with its own objective and optimizer (CAT's mask network
+g_phi): it builds it in `build_auxiliary`, uses it in `compute_loss` (passed as `auxiliary=`), and
+returns its objective from `auxiliary_loss`, which the loop minimises with a second optimizer after
+the robust model's step, as Algorithm 1 of CAT updates theta and then phi in every step.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ class AttackConfig:
     loss: str
     random_start: str
     kappa: float = 0.0
+    #: early-stopped PGD (FAT): steps allowed past the first misclassified iterate; None: plain PGD
+    early_stop_tau: int | None = None
+    #: std of Gaussian noise added to every step (FAT's omega)
+    step_noise: float = 0.0
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, *, logits_clean: Tensor | None = None) -> Tensor:
         return attacks.pgd(
@@ -40,6 +49,8 @@ class AttackConfig:
             random_start=self.random_start,  # type: ignore[arg-type]
             kappa=self.kappa,
             logits_clean=logits_clean,
+            early_stop_tau=self.early_stop_tau,
+            step_noise=self.step_noise,
         )
 
 
@@ -52,6 +63,8 @@ class StepOutput:
     logits_nat: Tensor | None = None
     logits_teacher: Tensor | None = None
     parts: dict[str, Tensor] = field(default_factory=dict)
+    #: what `Method.auxiliary_loss` needs from this step (e.g. CAT's mask, still attached to g_phi)
+    auxiliary_inputs: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Method:
@@ -68,10 +81,17 @@ class Method:
     #: teacher weights updated by the shared optimizer (LBGAT) or frozen (BGAT)
     trains_teacher: ClassVar[bool] = False
     uses_teacher: ClassVar[bool] = False
+    #: robust model's mode while `auxiliary_loss` runs (only for methods with an auxiliary network)
+    robust_mode_during_auxiliary: ClassVar[Mode] = "train"
 
     def __init__(self, spec: Any, threat: ThreatModel) -> None:
         self.spec = spec
         self.threat = threat
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by the loop before each epoch (0-based), for methods whose attack follows a schedule."""
+        self.epoch = epoch
 
     def attack_config(self) -> AttackConfig | None:
         if self.attack_loss is None:
@@ -90,6 +110,22 @@ class Method:
         """The teacher network for this run, or None for methods without one."""
         return None
 
+    def build_auxiliary(self, experiment: Any, in_channels: int) -> nn.Module | None:
+        """An auxiliary network trained by `auxiliary_loss` with its own optimizer, or None."""
+        return None
+
+    def auxiliary_lr(self) -> float | None:
+        """The auxiliary optimizer's learning rate at lr-schedule factor 1; None: optimization.lr."""
+        return None
+
+    def auxiliary_loss(self, robust: nn.Module, out: StepOutput, y: Tensor) -> Tensor:
+        """The auxiliary network's objective, after the robust model's step, from `out.auxiliary_inputs`.
+
+        `robust` is the updated robust model; the loop back-propagates into the auxiliary network's
+        parameters only.
+        """
+        raise NotImplementedError(f"method {self.name!r} has no auxiliary network")
+
     def generate(self, robust: nn.Module, x: Tensor, y: Tensor) -> Tensor | None:
         config = self.attack_config()
         return None if config is None else config.run(robust, x, y)
@@ -97,6 +133,8 @@ class Method:
     def compute_loss(
         self, robust: nn.Module, teacher: nn.Module | None, x: Tensor, x_adv: Tensor | None, y: Tensor
     ) -> StepOutput:
+        """The training loss from training-mode forwards. Methods with an auxiliary network also
+        take it as the keyword argument `auxiliary` (the loop passes it only to them)."""
         raise NotImplementedError
 
     def describe(self) -> dict[str, Any]:

@@ -9,13 +9,15 @@ All models take NCHW inputs in [0, 1] (no internal normalisation) and pool adapt
 classifier.  Importing this package registers every architecture below.
 """
 
-from . import preact_resnet, resnet, small_cnn, wide_resnet
-from ._registry import count_flops, create_model, list_models, register_model
+from . import cat_mask, preact_resnet, resnet, small_cnn, wide_resnet
+from ._registry import count_flops, create_model, list_models, model_kind, register_model
 
 __all__ = [
+    "cat_mask",
     "count_flops",
     "create_model",
     "list_models",
+    "model_kind",
     "preact_resnet",
     "register_model",
     "resnet",

@@ -1,8 +1,13 @@
 """A small timm-style model registry plus a FLOP counter.
 
 Architectures register a factory with :func:`register_model`; callers build them by name with
-:func:`create_model` and enumerate them with :func:`list_models`.  A factory has the signature
-``fn(*, num_classes: int, in_channels: int = <model default>, **model_kwargs) -> nn.Module``.
+:func:`create_model` and enumerate them with :func:`list_models`.  A classifier factory has the
+signature ``fn(*, num_classes: int, in_channels: int = <model default>, **model_kwargs) -> nn.Module``.
+
+Besides classifiers (kind ``"classifier"``, the default everywhere) the registry holds auxiliary
+networks of other kinds, such as the soft-mask networks g_phi of Calibrated Adversarial Training
+(kind ``"mask"``: ``fn(*, in_channels) -> nn.Module`` mapping ``(x, delta)`` to a mask).  They are
+kept apart by kind because they cannot stand in for a classifier (no ``num_classes``, two inputs).
 """
 
 from __future__ import annotations
@@ -20,15 +25,19 @@ __all__ = ["count_flops", "create_model", "list_models", "register_model"]
 ModelFactory = Callable[..., nn.Module]
 
 _MODEL_REGISTRY: dict[str, ModelFactory] = {}
+_MODEL_KINDS: dict[str, str] = {}
+MODEL_KINDS = ("classifier", "mask")
 
 
-def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
-    """Decorator registering ``fn`` under ``name``; ``fn`` is returned unchanged.
+def register_model(name: str, *, kind: str = "classifier") -> Callable[[ModelFactory], ModelFactory]:
+    """Decorator registering ``fn`` under ``name`` (of ``kind``); ``fn`` is returned unchanged.
 
     Registering the same name twice raises ``ValueError`` (it would silently shadow a model).
     """
     if not isinstance(name, str) or not name:
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
+    if kind not in MODEL_KINDS:
+        raise ValueError(f"model kind must be one of {', '.join(MODEL_KINDS)}, got {kind!r}")
 
     def decorator(fn: ModelFactory) -> ModelFactory:
         existing = _MODEL_REGISTRY.get(name)
@@ -37,17 +46,25 @@ def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
                 f"model {name!r} is already registered (by {existing.__module__}.{existing.__qualname__})"
             )
         _MODEL_REGISTRY[name] = fn
+        _MODEL_KINDS[name] = kind
         return fn
 
     return decorator
 
 
-def list_models(filter: str = "") -> list[str]:
-    """Sorted names of the registered models, optionally restricted by an fnmatch pattern (``"wrn*"``)."""
-    names = sorted(_MODEL_REGISTRY)
+def list_models(filter: str = "", *, kind: str = "classifier") -> list[str]:
+    """Sorted names of the registered models of ``kind``, optionally restricted by an fnmatch pattern (``"wrn*"``)."""
+    names = sorted(n for n in _MODEL_REGISTRY if _MODEL_KINDS[n] == kind)
     if filter:
         names = [n for n in names if fnmatch.fnmatchcase(n, filter)]
     return names
+
+
+def model_kind(name: str) -> str:
+    """The kind a registered model was registered with (``"classifier"`` or ``"mask"``)."""
+    if name not in _MODEL_KINDS:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(_MODEL_REGISTRY))}")
+    return _MODEL_KINDS[name]
 
 
 def _check_kwargs(name: str, fn: ModelFactory, kwargs: dict[str, Any]) -> None:
@@ -69,24 +86,32 @@ def _check_kwargs(name: str, fn: ModelFactory, kwargs: dict[str, Any]) -> None:
         )
 
 
-def create_model(name: str, *, num_classes: int, in_channels: int | None = None, **kwargs: Any) -> nn.Module:
+def create_model(
+    name: str, *, num_classes: int | None = None, in_channels: int | None = None, **kwargs: Any
+) -> nn.Module:
     """Build the registered model ``name``.
 
-    ``in_channels=None`` uses the model's own default (3 for the CIFAR networks, 1 for the MNIST /
-    digits CNNs).  Unknown names raise ``ValueError`` listing what is available; unknown model kwargs
-    raise ``TypeError`` naming the offending kwarg.
+    Classifiers need ``num_classes``; other kinds (mask networks) take none.  ``in_channels=None``
+    uses the model's own default (3 for the CIFAR networks, 1 for the MNIST / digits CNNs).
+    Unknown names raise ``ValueError`` listing what is available; unknown model kwargs raise
+    ``TypeError`` naming the offending kwarg.
     """
     fn = _MODEL_REGISTRY.get(name)
     if fn is None:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(sorted(_MODEL_REGISTRY))}")
+    if _MODEL_KINDS[name] != "classifier":
+        if num_classes is not None:
+            raise ValueError(f"model {name!r} is a {_MODEL_KINDS[name]} network: it takes no num_classes")
+    elif isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    else:
+        kwargs["num_classes"] = num_classes
     if in_channels is not None:
         if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
             raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
         kwargs["in_channels"] = in_channels
     _check_kwargs(name, fn, kwargs)
-    return fn(num_classes=num_classes, **kwargs)
+    return fn(**kwargs)
 
 
 def count_flops(model: nn.Module, input_shape: tuple[int, ...] | torch.Size) -> int:
