@@ -31,6 +31,6 @@ def build_method(spec: Any, threat: ThreatModel) -> Method:
 
 
 # Registration happens on import of each module.
-from trainer.methods import alp, bgat, lbgat, natural, pgd_at, trades  # noqa: E402, F401
+from trainer.methods import alp, bgat, cons_at, lbgat, mart, natural, pgd_at, raat, trades  # noqa: E402, F401
 
 __all__ = ["AttackConfig", "Method", "StepOutput", "build_method", "list_methods", "register_method"]

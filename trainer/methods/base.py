@@ -68,6 +68,9 @@ class Method:
     #: teacher weights updated by the shared optimizer (LBGAT) or frozen (BGAT)
     trains_teacher: ClassVar[bool] = False
     uses_teacher: ClassVar[bool] = False
+    #: train on two random augmentations of every image (Cons-AT, RAAT): the loop then passes both
+    #: views stacked, x[:B] and x[B:] being the two views of the same B images, and y repeated
+    two_views: ClassVar[bool] = False
 
     def __init__(self, spec: Any, threat: ThreatModel) -> None:
         self.spec = spec
