@@ -322,3 +322,21 @@ def test_two_different_augmentations_of_the_same_images(key, tmp_path):
         crops = _shifts(originals[i], padding=1)
         for view in (x[i], x[half + i]):
             assert (crops - view).abs().flatten(1).amax(1).min() < 1e-6, f"image {i}: not a crop of it"
+
+
+def test_no_dicar_rows_means_no_extra_forward_and_plain_ce():
+    x = torch.tensor([0.3, 0.9, 0.2, 0.8]).view(4, 1, 1, 1)  # each image has one misclassified view
+    y = torch.zeros(4, dtype=torch.long)
+    method = build_method(RAATMethod(eta=0.1), ThreatModel(eps=0.3, step_size=0.1, steps=6))
+    batch = method.generate(_Threshold(), x, y)
+
+    def no_draw():
+        raise AssertionError("the mixing weight must not be drawn without DICAR rows")
+
+    method.mix_weight = no_draw
+    log: list = []
+    out = method.compute_loss(_Recorder(_Threshold(), log), None, x, batch, y)
+    assert [entry[3] for entry in log] == [4]
+    expected = F.cross_entropy(_Threshold()(batch.training_inputs()), y)
+    assert out.loss.item() == pytest.approx(expected.item())
+    assert out.parts["dicar_rows"].item() == 0

@@ -16,6 +16,7 @@ from trainer.loop import TrainingRun, _stack_views
 
 def _spec(weight_averaging=None, **sections):
     optimization = {"lr": 0.1, "batch_size": 32, "epochs": 3, "schedule": {"kind": "constant"}}
+    optimization.update(sections.pop("optimization", {}))
     if weight_averaging is not None:
         optimization["weight_averaging"] = weight_averaging
     return digits_spec(
@@ -143,3 +144,26 @@ def test_weight_averaging_spec_is_validated():
         _spec({"decay": 0.9, "buffers": "reset"})
     assert err.value.errors[0]["loc"] == "optimization.weight_averaging.buffers"
     assert _spec().evaluated_weights() == "model"
+
+
+def test_lbgat_eval_reads_the_averaged_weights(tmp_path, capsys):
+    import json
+
+    from service.cli import main
+
+    spec = _spec({"decay": 0.9}, optimization={"epochs": 1})
+    run = TrainingRun(spec, out_dir=tmp_path)
+    run.fit(evaluate_at_end=False)
+    last = str(tmp_path / "checkpoints" / "last.pt")
+    assert (
+        main(["eval", last, "--weights", "averaged", "--json", "--n-examples", "40", "--device", "cpu"]) == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    first = run.data.test.subset(torch.arange(40))
+    assert report["weights"] == "averaged"
+    assert report["clean_accuracy"] == pytest.approx(accuracy(run.averaged, first))
+
+    plain = TrainingRun(_spec(optimization={"epochs": 1}), out_dir=tmp_path / "plain")
+    plain.fit(evaluate_at_end=False)
+    with pytest.raises(CheckpointError, match="robust_ema"):
+        main(["eval", str(tmp_path / "plain" / "checkpoints" / "last.pt"), "--weights", "averaged"])

@@ -103,17 +103,19 @@ class RAAT(Method):
         return max(b, 1.0 - b)
 
     def dicar_inputs(
-        self, robust: nn.Module, x: Tensor, batch: BoundaryBatch, logits_nat: Tensor | None
+        self, robust: nn.Module, x: Tensor, batch: BoundaryBatch, logits_nat: Tensor | None, like: Tensor
     ) -> tuple[Tensor, Tensor, Tensor, float, Tensor | None]:
         """Logits for DICAR on the images whose two views are both correctly classified.
 
         Returns (f(mix of x1', x2'), f(x1), f(x2)) restricted to those images, the mixing weight and
         the clean logits of all 2B examples (computed here when not given and some image qualifies).
+        With no such image, as the official code, nothing is forwarded and no weight is drawn: the
+        three are empty slices of `like` and the DICAR term is 0.
         """
         mis_1, mis_2 = batch.partition.misclassified.chunk(2)
         rows = ~(mis_1 | mis_2)
         if not bool(rows.any()):
-            empty = x.new_zeros((0, 0))
+            empty = like[:0]
             return empty, empty, empty, 1.0, logits_nat
         mix = self.mix_weight()
         adv_1, adv_2 = batch.x_adv.chunk(2)
@@ -136,9 +138,7 @@ class RAAT(Method):
     def compute_loss(self, robust, teacher, x, x_adv: BoundaryBatch, y) -> StepOutput:  # type: ignore[override]
         spec = self.spec
         logits_train = robust(x_adv.training_inputs())
-        mix_adv, nat_1, nat_2, mix, logits_nat = self.dicar_inputs(robust, x, x_adv, None)
-        if mix_adv.shape[0] == 0:
-            mix_adv = nat_1 = nat_2 = logits_train[:0]
+        mix_adv, nat_1, nat_2, mix, logits_nat = self.dicar_inputs(robust, x, x_adv, None, logits_train)
         loss = losses.raat(
             logits_train,
             y,
@@ -169,9 +169,7 @@ class RAATPP(RAAT):
         logits_adv = robust(x_adv.x_adv)
         logits_nat = robust(x)
         logits_train = robust(x_adv.training_inputs())
-        mix_adv, nat_1, nat_2, mix, _ = self.dicar_inputs(robust, x, x_adv, logits_nat)
-        if mix_adv.shape[0] == 0:
-            mix_adv = nat_1 = nat_2 = logits_train[:0]
+        mix_adv, nat_1, nat_2, mix, _ = self.dicar_inputs(robust, x, x_adv, logits_nat, logits_train)
         loss = losses.raat_pp(
             logits_train,
             y,
