@@ -325,7 +325,9 @@ def test_two_different_augmentations_of_the_same_images(key, tmp_path):
 
 
 def test_no_dicar_rows_means_no_extra_forward_and_plain_ce():
-    x = torch.tensor([0.3, 0.9, 0.2, 0.8]).view(4, 1, 1, 1)  # each image has one misclassified view
+    x = torch.tensor([0.3, 0.9, 0.8, 0.2]).view(
+        4, 1, 1, 1
+    )  # images (0.3, 0.8) and (0.9, 0.2): one view wrong
     y = torch.zeros(4, dtype=torch.long)
     method = build_method(RAATMethod(eta=0.1), ThreatModel(eps=0.3, step_size=0.1, steps=6))
     batch = method.generate(_Threshold(), x, y)
