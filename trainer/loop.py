@@ -314,7 +314,7 @@ class TrainingRun:
             steps, f"epoch {epoch + 1}/{self.spec.optimization.epochs}", progress and self.rank == 0
         )
         for step, batch in enumerate(self.loader):
-            x, y = _stack_views(batch)
+            x, y = stack_views(batch)
             lr = learning_rate(self.spec.optimization, epoch, step, steps)
             self._set_lr(lr)
             loss, counts = self.train_step(x, y)
@@ -347,7 +347,8 @@ class TrainingRun:
             train_adv_accuracy=acc.get("adv"),
             train_clean_accuracy=acc.get("clean"),
             teacher_accuracy=acc.get("teacher"),
-            images_per_second=seen / max(seconds, 1e-9),
+            # images, not examples: a two-view method trains on 2 examples per image
+            images_per_second=seen / (2 if self.method.two_views else 1) / max(seconds, 1e-9),
             seconds=seconds,
         )
 
@@ -595,7 +596,7 @@ class TrainingRun:
         return report.model_copy(update={"checkpoint": checkpoint, "epoch": epoch, "weights": weights})
 
 
-def _stack_views(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+def stack_views(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, y), or for a two-view loader (x1, x2, y) -> (cat[x1, x2], cat[y, y]): the layout
     two-view methods expect (x[:B] and x[B:] are two augmentations of the same B images)."""
     if len(batch) == 2:

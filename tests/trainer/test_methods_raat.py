@@ -12,7 +12,7 @@ from torch import nn
 
 from api_schemas import RAATMethod, RAATPPMethod, ThreatModel
 from tests.trainer.helpers import digits_spec, trained_digits_model
-from trainer.loop import TrainingRun, _stack_views
+from trainer.loop import TrainingRun, stack_views
 from trainer.methods import build_method
 from trainer.methods.raat import BoundaryBatch, boundary_partition
 
@@ -41,7 +41,7 @@ def test_method_trains_a_few_steps(key, tmp_path):
     for epoch in range(2):
         run.loader.set_epoch(epoch)
         for batch in run.loader:
-            x, y = _stack_views(batch)
+            x, y = stack_views(batch)
             loss, counts = run.train_step(x, y)
             losses.append(loss.item())
     assert all(torch.isfinite(torch.tensor(losses)))
@@ -156,7 +156,7 @@ def test_step_equals_official_code(key, tmp_path):
     kinds = torch.zeros(4, dtype=torch.long)
     run.loader.set_epoch(0)
     for i, batch in enumerate(run.loader):
-        x, y = _stack_views(batch)
+        x, y = stack_views(batch)
         torch.manual_seed(100 + i)
         ours, _ = run.train_step(x, y)
         torch.manual_seed(100 + i)
@@ -195,7 +195,7 @@ def test_attack_and_indicators_in_eval_mode_loss_in_training_mode(key, tmp_path)
     run = TrainingRun(_spec(key, threat_model={"eps": 0.1, "step_size": 0.025, "steps": 3}), out_dir=tmp_path)
     log: list = []
     run.robust_fn = run.attack_fn = run.robust = _Recorder(run.robust, log)
-    x, y = _stack_views(next(iter(run.loader)))
+    x, y = stack_views(next(iter(run.loader)))
     run.train_step(x, y)
     n = len(y)
     attack = [entry for entry in log if entry[2]]
@@ -310,7 +310,7 @@ def test_two_different_augmentations_of_the_same_images(key, tmp_path):
     run.method.compute_loss = compute_loss
     run.loader.set_epoch(0)
     idx = run.loader.indices()[: run.loader.batch_size]
-    x, y = _stack_views(next(iter(run.loader)))
+    x, y = stack_views(next(iter(run.loader)))
     run.train_step(x, y)
     half = run.loader.batch_size
     x, y = seen["x"], seen["y"]
@@ -342,3 +342,22 @@ def test_no_dicar_rows_means_no_extra_forward_and_plain_ce():
     expected = F.cross_entropy(_Threshold()(batch.training_inputs()), y)
     assert out.loss.item() == pytest.approx(expected.item())
     assert out.parts["dicar_rows"].item() == 0
+
+
+def test_raat_resume_equals_uninterrupted_run(tmp_path):
+    """Two views, the partition and the Beta draws all come back identically after a resume."""
+    spec = _spec(
+        "raat_pp",
+        dataset={"train_limit": 64},
+        optimization={"lr": 0.05, "batch_size": 32, "epochs": 2, "schedule": {"kind": "constant"}},
+    )
+    full = TrainingRun(spec, out_dir=tmp_path / "full")
+    full.fit(evaluate_at_end=False)
+    short = spec.model_copy(update={"optimization": spec.optimization.model_copy(update={"epochs": 1})})
+    TrainingRun(short, out_dir=tmp_path / "part").fit(evaluate_at_end=False)
+    torch.manual_seed(4321)
+    resumed = TrainingRun(spec, out_dir=tmp_path / "part")
+    resumed.fit(resume="auto", evaluate_at_end=False)
+    for key, value in full.robust.state_dict().items():
+        torch.testing.assert_close(resumed.robust.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in full.history]

@@ -11,7 +11,7 @@ from api_schemas import SpecError
 from tests.trainer.helpers import digits_spec
 from trainer.checkpoint import CheckpointError, load_model, read_checkpoint
 from trainer.evaluation import accuracy
-from trainer.loop import TrainingRun, _stack_views
+from trainer.loop import TrainingRun, stack_views
 
 
 def _spec(weight_averaging=None, **sections):
@@ -32,7 +32,7 @@ def _steps(run: TrainingRun, n: int):
     """Yield after each of n optimizer steps with (averaged before, model after)."""
     batches = iter(run.loader)
     for _ in range(n):
-        x, y = _stack_views(next(batches))
+        x, y = stack_views(next(batches))
         before = copy.deepcopy(run.averaged.state_dict())
         run.train_step(x, y)
         yield before, run.robust.state_dict()
