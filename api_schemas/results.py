@@ -6,7 +6,7 @@ that a number always arrives with the attack settings and the provenance that pr
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -42,6 +42,9 @@ class EvalReport(BaseModel):
     checkpoint: str | None = None
     epoch: int | None = None
     provenance: dict[str, Any] = Field(default_factory=dict)
+    weights: Literal["model", "averaged"] = Field(
+        "model", description="which weights were evaluated: the trained model's or their moving average"
+    )
 
     def attack(self, name: str) -> AttackResult:
         for result in self.attacks:

@@ -221,11 +221,65 @@ class FATMethod(_Strict):
         return self
 
 
+class MARTMethod(_Strict):
+    """MART (Wang et al., ICLR 2020): BCE(f(x_adv), y) + alpha * KL(f(x) || f(x_adv)) * (1 - p_y(x)).
+
+    Attack: PGD on CE from x + 0.001*N(0,1), the model in eval mode (official code).
+    """
+
+    name: Literal["mart"] = "mart"
+    alpha: float = Field(6.0, ge=0, description="weight of the weighted KL (official code: --beta, 6)")
+
+
+class ConsATMethod(_Strict):
+    """Cons-AT (Tack et al., AAAI 2022): CE on the PGD examples of two augmentations of each image
+    + lam * Jensen-Shannon divergence between their predictions (RAAT paper, Table 4)."""
+
+    name: Literal["cons_at"] = "cons_at"
+    lam: float = Field(1.0, ge=0, description="weight of the consistency term (1 in the RAAT paper)")
+    temperature: float = Field(0.5, gt=0, description="softmax temperature of the JS term (official: 0.5)")
+
+
+class RAATMethod(_Strict):
+    """RAAT (Robust Alignment AT, App. C / Table 4): CE on the full adversarial example, or on the
+    reduced one x + eta*delta for boundary samples, + lam * DICAR on correctly classified images."""
+
+    name: Literal["raat"] = "raat"
+    lam: float = Field(1.0, ge=0, description="weight of the DICAR term (paper's lambda, 1)")
+    eta: float = Field(0.1, gt=0, lt=1, description="boundary range: the reduced perturbation is eta*delta")
+    gamma: float = Field(0.75, gt=0, description="interpolation weight ~ Beta(gamma, gamma)")
+    temperature: float = Field(0.5, gt=0, description="softmax temperature of the JS term (official: 0.5)")
+    dicar_target: Literal["logits", "probabilities"] = Field(
+        "logits",
+        description="interpolate the clean logits (official code) or the clean probabilities (Eq. 15)",
+    )
+
+
+class RAATPPMethod(RAATMethod):
+    """RAAT++ (Table 4): RAAT with MART's boosted CE and MART's weighted KL (weight alpha) added."""
+
+    name: Literal["raat_pp"] = "raat_pp"  # type: ignore[assignment]
+    alpha: float = Field(6.0, ge=0, description="weight of MART's weighted KL (official code: --beta, 6)")
+
+
 MethodSpec = Annotated[
-    NaturalMethod | PGDATMethod | TradesMethod | ALPMethod | BGATMethod | LBGATMethod | CATMethod | FATMethod,
+    NaturalMethod
+    | PGDATMethod
+    | TradesMethod
+    | ALPMethod
+    | BGATMethod
+    | LBGATMethod
+    | CATMethod
+    | FATMethod
+    | MARTMethod
+    | ConsATMethod
+    | RAATMethod
+    | RAATPPMethod,
     Field(discriminator="name"),
 ]
 TEACHER_METHODS = ("lbgat", "bgat")
+# Methods that train on two random augmentations of every image (the loader's two_views).
+TWO_VIEW_METHODS = ("cons_at", "raat", "raat_pp")
 
 
 # --------------------------------------------------------------------------- models, data
@@ -315,6 +369,20 @@ class ScheduleSpec(_Strict):
         return value
 
 
+class WeightAveragingSpec(_Strict):
+    """Exponential moving average of the robust model's weights (WA/EMA, as in ReBAT and RAAT#).
+
+    After every optimizer step: w_avg <- decay * w_avg + (1 - decay) * w. Before `start_epoch` the
+    average is a plain copy of the model (decay 0), as ReBAT's warm-up. BatchNorm running statistics
+    are averaged the same way (`buffers: average`, ReBAT's `moving_average(update_bn=True)`) or copied
+    from the model (`copy`); integer buffers (num_batches_tracked) are always copied.
+    """
+
+    decay: float = Field(0.999, gt=0, lt=1, description="EMA decay per optimizer step")
+    start_epoch: int = Field(0, ge=0, description="0-based epoch from which the average starts")
+    buffers: Literal["average", "copy"] = "average"
+
+
 class OptimizationSpec(_Strict):
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.1, gt=0, le=10)
@@ -324,6 +392,9 @@ class OptimizationSpec(_Strict):
     batch_size: int = Field(128, ge=1, le=65536, description="global batch (all workers together)")
     epochs: int = Field(100, ge=1, le=10000)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
+    weight_averaging: WeightAveragingSpec | None = Field(
+        None, description="keep an EMA of the robust model's weights (None: off)"
+    )
 
     @model_validator(mode="after")
     def _milestones_within_training(self) -> OptimizationSpec:
@@ -451,6 +522,11 @@ class EvaluationSpec(_Strict):
     n_examples: int | None = Field(None, ge=1, description="evaluate on the first n test images")
     batch_size: int = Field(256, ge=1)
     on_best: bool = Field(True, description="also evaluate the best checkpoint when one is selected")
+    weights: Literal["model", "averaged"] | None = Field(
+        None,
+        description="which weights are evaluated: the model's or the EMA "
+        "(None: averaged when optimization.weight_averaging is on)",
+    )
 
     @model_validator(mode="after")
     def _unique_labels(self) -> EvaluationSpec:
@@ -472,6 +548,11 @@ class SelectionSpec(_Strict):
         description="PGD-10 with the training attack's step from a random start by default",
     )
     every_n_epochs: int = Field(1, ge=1)
+    weights: Literal["model", "averaged"] | None = Field(
+        None,
+        description="which weights are validated: the model's or the EMA "
+        "(None: averaged when optimization.weight_averaging is on)",
+    )
 
 
 class CheckpointSpec(_Strict):
@@ -634,6 +715,17 @@ class ExperimentSpec(_Strict):
             raise ValueError(
                 "selection.metric: best-checkpoint selection needs a held-out split (dataset.val_size > 0)"
             )
+        if name in TWO_VIEW_METHODS and not self.dataset.augment:
+            raise ValueError(
+                f"dataset.augment: method '{name}' compares two random augmentations of each image; "
+                "set augment to true"
+            )
+        if self.optimization.weight_averaging is None:
+            for section in ("evaluation", "selection"):
+                if getattr(self, section).weights == "averaged":
+                    raise ValueError(
+                        f"{section}.weights: 'averaged' needs optimization.weight_averaging (e.g. {{decay: 0.999}})"
+                    )
         return self
 
     @model_validator(mode="after")
@@ -663,8 +755,24 @@ class ExperimentSpec(_Strict):
                 raise ValueError("threat_model.kappa: CAT-cw's confidence is method.kappa")
         return self
 
+    def evaluated_weights(self) -> Literal["model", "averaged"]:
+        """Which weights the final evaluation uses (evaluation.weights, resolved)."""
+        return _resolve_weights(self.evaluation.weights, self.optimization.weight_averaging)
+
+    def selected_weights(self) -> Literal["model", "averaged"]:
+        """Which weights best-checkpoint selection validates (selection.weights, resolved)."""
+        return _resolve_weights(self.selection.weights, self.optimization.weight_averaging)
+
     def output_dir(self) -> Path:
         return Path(self.output.dir or f"runs/{self.name}")
+
+
+def _resolve_weights(
+    chosen: Literal["model", "averaged"] | None, averaging: WeightAveragingSpec | None
+) -> Literal["model", "averaged"]:
+    if chosen is not None:
+        return chosen
+    return "averaged" if averaging is not None else "model"
 
 
 # --------------------------------------------------------------------------- loading
@@ -694,6 +802,10 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
             "alp",
             "bgat",
             "lbgat",
+            "mart",
+            "cons_at",
+            "raat",
+            "raat_pp",
             "fgsm",
             "pgd",
             "autoattack",

@@ -961,6 +961,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--n-examples", type=_positive_int, help="evaluate on the first N test images")
     ev.add_argument("--which", choices=["robust", "teacher"], default="robust")
+    ev.add_argument(
+        "--weights",
+        choices=["model", "averaged"],
+        default="model",
+        help="the model's weights or their moving average (optimization.weight_averaging)",
+    )
     ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ev.add_argument("--out", help="write the report JSON here as well")
     ev.add_argument("--json", action="store_true", help="print the report as JSON")

@@ -128,18 +128,26 @@ def eval_command(args: argparse.Namespace) -> int:
     spec = parse_spec(payload["spec"], source=f"checkpoint {args.checkpoint}")
     suite = _suite(args, spec.evaluation)
     rt = Runtime.resolve(spec, args.device)
-    model = load_model(args.checkpoint, which=args.which, device=rt.device)
+    weights = getattr(args, "weights", "model")
+    model = load_model(
+        args.checkpoint,
+        which=args.which,
+        weights="ema" if weights == "averaged" else "model",
+        device=rt.device,
+    )
     test = load_datasets(spec).test
     report = evaluate(model, test, suite, spec.threat_model, device=rt.device, progress=True)
     label = getattr(args, "label", None) or str(args.checkpoint)  # a store URL when fetched from there
-    report = report.model_copy(update={"checkpoint": label, "epoch": payload.get("epoch")})
+    report = report.model_copy(
+        update={"checkpoint": label, "epoch": payload.get("epoch"), "weights": weights}
+    )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(report.model_dump_json(indent=2))
     if args.json:
         print(json.dumps(report.model_dump(mode="json"), indent=2))
     else:
-        Console().print(report_table(f"{label} ({args.which})", report))
+        Console().print(report_table(f"{label} ({args.which}, {weights} weights)", report))
     return 0
 
 

@@ -142,6 +142,7 @@ class TrainingRun:
                 f"optimization.batch_size: the global batch {spec.optimization.batch_size} must divide "
                 f"evenly among {world_size} workers"
             )
+        self.method: Method = build_method(spec.method, spec.threat_model)
         self.loader = DeviceLoader(
             train,
             batch_size=spec.optimization.batch_size // world_size,
@@ -153,10 +154,10 @@ class TrainingRun:
             seed=spec.seed,
             rank=rank,
             world_size=world_size,
+            two_views=self.method.two_views,
             channels_last=self.rt.channels_last,
         )
 
-        self.method: Method = build_method(spec.method, spec.threat_model)
         memory_format = torch.channels_last if self.rt.channels_last else torch.contiguous_format
         ref = spec.model.robust
         self.robust = create_model(
@@ -187,6 +188,8 @@ class TrainingRun:
         self.auxiliary_fn: nn.Module | None = (
             None if self.auxiliary is None else self._compiled(self.auxiliary)
         )
+        self._averaged_buffers: set[str] = set()
+        self.averaged: nn.Module | None = self._make_average()
 
         self.epoch = 0  # completed epochs
         self.history: list[dict[str, Any]] = []
@@ -209,6 +212,58 @@ class TrainingRun:
                 groups, lr=opt.lr, momentum=opt.momentum, weight_decay=opt.weight_decay, nesterov=opt.nesterov
             )
         return torch.optim.Adam(groups, lr=opt.lr, weight_decay=opt.weight_decay)
+
+    def _make_average(self) -> nn.Module | None:
+        """The EMA copy of the robust model (optimization.weight_averaging), or None when off.
+
+        A separate plain module (never compiled, never DDP-wrapped, always in eval mode, no
+        gradients) that starts equal to the robust model; `_update_average` moves it after every
+        optimizer step.
+        """
+        if self.spec.optimization.weight_averaging is None:
+            return None
+        ref = self.spec.model.robust
+        averaged = create_model(
+            ref.name, num_classes=self.num_classes, in_channels=self.in_channels, **ref.kwargs()
+        )
+        memory_format = torch.channels_last if self.rt.channels_last else torch.contiguous_format
+        averaged = averaged.to(self.rt.device, memory_format=memory_format)
+        averaged.load_state_dict(self.robust.state_dict())
+        self._averaged_buffers = {name for name, _ in averaged.named_buffers()}
+        return averaged.requires_grad_(False).eval()
+
+    @torch.no_grad()
+    def _update_average(self) -> None:
+        """w_avg <- decay * w_avg + (1 - decay) * w for floating state; integer buffers are copied.
+
+        Keys are matched by name against the robust model's state dict, so the average keeps
+        following the model after `distribute` (SyncBatchNorm keeps the names and the tensors).
+        Before `start_epoch` the decay is 0: the average is an exact copy of the model.
+        """
+        assert self.averaged is not None
+        wa = self.spec.optimization.weight_averaging
+        assert wa is not None
+        decay = wa.decay if self.epoch >= wa.start_epoch else 0.0
+        current = self.robust.state_dict()
+        averaged_float, current_float = [], []
+        for key, avg in self.averaged.state_dict().items():
+            value = current[key]
+            copy = not avg.is_floating_point() or (wa.buffers == "copy" and key in self._averaged_buffers)
+            if copy:
+                avg.copy_(value)
+            else:
+                averaged_float.append(avg)
+                current_float.append(value.to(avg.dtype))
+        torch._foreach_mul_(averaged_float, decay)
+        torch._foreach_add_(averaged_float, current_float, alpha=1.0 - decay)
+
+    def weights(self, which: str) -> nn.Module:
+        """The robust model ('model') or its moving average ('averaged')."""
+        if which == "averaged":
+            if self.averaged is None:
+                raise ValueError("weights: 'averaged' needs optimization.weight_averaging")
+            return self.averaged
+        return self.robust
 
     def _compiled(self, module: nn.Module) -> nn.Module:
         return torch.compile(module) if self.rt.compile else module
@@ -262,6 +317,8 @@ class TrainingRun:
         self.optimizer.step()
         if self.auxiliary is not None:
             self._auxiliary_step(out, y)
+        if self.averaged is not None:
+            self._update_average()
         counts = {}
         with torch.no_grad():
             for key, logits in (
@@ -300,7 +357,8 @@ class TrainingRun:
         bar = _progress(
             steps, f"epoch {epoch + 1}/{self.spec.optimization.epochs}", progress and self.rank == 0
         )
-        for step, (x, y) in enumerate(self.loader):
+        for step, batch in enumerate(self.loader):
+            x, y = stack_views(batch)
             lr = learning_rate(self.spec.optimization, epoch, step, steps)
             self._set_lr(lr)
             loss, counts = self.train_step(x, y)
@@ -333,24 +391,29 @@ class TrainingRun:
             train_adv_accuracy=acc.get("adv"),
             train_clean_accuracy=acc.get("clean"),
             teacher_accuracy=acc.get("teacher"),
-            images_per_second=seen / max(seconds, 1e-9),
+            # images, not examples: a two-view method trains on 2 examples per image
+            images_per_second=seen / (2 if self.method.two_views else 1) / max(seconds, 1e-9),
             seconds=seconds,
         )
 
-    def test_clean_accuracy(self) -> float:
+    def test_clean_accuracy(self, weights: str = "model") -> float:
         return accuracy(
-            self.robust, self.data.test, batch_size=self.spec.evaluation.batch_size, device=self.rt.device
+            self.weights(weights),
+            self.data.test,
+            batch_size=self.spec.evaluation.batch_size,
+            device=self.rt.device,
         )
 
     def validate(self) -> dict[str, float]:
         """Clean and PGD accuracy on the held-out split, the numbers best-checkpoint selection uses."""
         assert self.data.val is not None
         sel = self.spec.selection
+        model = self.weights(self.spec.selected_weights())
         clean = accuracy(
-            self.robust, self.data.val, batch_size=self.spec.evaluation.batch_size, device=self.rt.device
+            model, self.data.val, batch_size=self.spec.evaluation.batch_size, device=self.rt.device
         )
         pgd_acc = robust_accuracy(
-            self.robust,
+            model,
             self.data.val,
             sel.attack,
             self.spec.threat_model,
@@ -366,6 +429,8 @@ class TrainingRun:
         """
         spec = self.spec
         metrics.test_clean_accuracy = self.test_clean_accuracy()
+        if self.averaged is not None:
+            metrics.extra["test_clean_accuracy_averaged"] = self.test_clean_accuracy("averaged")
         last = self.epoch == spec.optimization.epochs
         if self.data.val is None or not (self.epoch % spec.selection.every_n_epochs == 0 or last):
             return False
@@ -388,6 +453,8 @@ class TrainingRun:
             "in_channels": self.in_channels,
             "robust": self.robust.state_dict(),
             "teacher": None if self.teacher is None else self.teacher.state_dict(),
+            # the key `checkpoint.load_model(weights="ema")` reads
+            "robust_ema": None if self.averaged is None else self.averaged.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "auxiliary": None if self.auxiliary is None else self.auxiliary.state_dict(),
             "auxiliary_optimizer": (
@@ -410,6 +477,13 @@ class TrainingRun:
         self.robust.load_state_dict(payload["robust"])
         if self.teacher is not None and payload.get("teacher") is not None and self.method.trains_teacher:
             self.teacher.load_state_dict(payload["teacher"])
+        if self.averaged is not None:
+            if payload.get("robust_ema") is None:
+                raise ckpt.CheckpointError(
+                    "the checkpoint holds no averaged weights (trained without "
+                    "optimization.weight_averaging); refusing to resume with weight averaging on"
+                )
+            self.averaged.load_state_dict(payload["robust_ema"])
         self.optimizer.load_state_dict(payload["optimizer"])
         if self.auxiliary is not None:
             if payload.get("auxiliary") is None or payload.get("auxiliary_optimizer") is None:
@@ -522,10 +596,17 @@ class TrainingRun:
         store URL on Ray); `evaluate=False` records clean test accuracy only.
         """
         spec = self.spec
+        weights = spec.evaluated_weights()
         if evaluate:
-            final = self.evaluate_checkpoint(self.robust, checkpoint=last_label, epoch=self.epoch)
+            final = self.evaluate_checkpoint(
+                self.weights(weights), checkpoint=last_label, epoch=self.epoch, weights=weights
+            )
         else:
-            final = EvalReport(clean_accuracy=self.test_clean_accuracy(), n_examples=len(self.data.test))
+            final = EvalReport(
+                clean_accuracy=self.test_clean_accuracy(weights),
+                n_examples=len(self.data.test),
+                weights=weights,
+            )
         best_report = None
         has_best = self.best_epoch is not None
         if (
@@ -535,9 +616,11 @@ class TrainingRun:
             and best_local is not None
             and best_local.exists()
         ):
-            best_model = ckpt.load_model(best_local, device=self.rt.device)
+            best_model = ckpt.load_model(
+                best_local, weights="ema" if weights == "averaged" else "model", device=self.rt.device
+            )
             best_report = self.evaluate_checkpoint(
-                best_model, checkpoint=best_label or str(best_local), epoch=self.best_epoch
+                best_model, checkpoint=best_label or str(best_local), epoch=self.best_epoch, weights=weights
             )
         return TrainSummary(
             name=spec.name,
@@ -555,7 +638,9 @@ class TrainingRun:
             provenance={**provenance(self.rt.device), **provenance_extra},
         )
 
-    def evaluate_checkpoint(self, model: nn.Module, *, checkpoint: str, epoch: int) -> EvalReport:
+    def evaluate_checkpoint(
+        self, model: nn.Module, *, checkpoint: str, epoch: int, weights: str = "model"
+    ) -> EvalReport:
         report = evaluate(
             model,
             self.data.test,
@@ -564,7 +649,16 @@ class TrainingRun:
             device=self.rt.device,
             progress=self.spec.runtime.progress,
         )
-        return report.model_copy(update={"checkpoint": checkpoint, "epoch": epoch})
+        return report.model_copy(update={"checkpoint": checkpoint, "epoch": epoch, "weights": weights})
+
+
+def stack_views(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y), or for a two-view loader (x1, x2, y) -> (cat[x1, x2], cat[y, y]): the layout
+    two-view methods expect (x[:B] and x[B:] are two augmentations of the same B images)."""
+    if len(batch) == 2:
+        return batch[0], batch[1]
+    x1, x2, y = batch
+    return torch.cat([x1, x2]), torch.cat([y, y])
 
 
 def _selection_value(val: dict[str, float], metric: str) -> float:

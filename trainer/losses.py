@@ -148,3 +148,151 @@ def fat(
             raise ValueError("logits_nat: FAT for TRADES needs the clean logits f(x)")
         return trades(logits_nat, logits_adv, y, alpha)
     raise ValueError(f"variant: unknown FAT variant {variant!r}; use 'trades' or 'ce'")
+
+
+# --------------------------------------------------------------------------- MART, Cons-AT, RAAT
+#
+# Appended as one block (MART, Wang et al. ICLR 2020; Cons-AT, Tack et al. AAAI 2022; RAAT and
+# RAAT++, "Robust Alignment", App. C / Table 4). Constants (1.0001, 1e-12, 1.0000001, the 1e-8 clamp)
+# are the official codes': they bound the logarithms and weights exactly as the reported runs did.
+
+__all__ += ["boosted_ce", "cons_at", "dicar", "js_divergence", "mart", "mart_kl", "raat", "raat_pp"]
+
+
+def boosted_ce(logits: Tensor, y: Tensor) -> Tensor:
+    """MART's boosted CE (Eq. 14 of the RAAT paper): CE(p, y) - log(1 - max_{k!=y} p_k), mean over the batch.
+
+    As the official MART code: the margin term is `nll(log(1.0001 - p + 1e-12), y')` with y' the most
+    probable wrong class; y' is picked by argsort (no gradient through the choice).
+    """
+    probs = F.softmax(logits, dim=1)
+    top2 = probs.argsort(dim=1)[:, -2:]
+    wrong = top2[:, -2].where(top2[:, -1] == y, top2[:, -1])
+    return F.cross_entropy(logits, y) + F.nll_loss((1.0001 - probs + 1e-12).log(), wrong)
+
+
+def mart_kl(logits_nat: Tensor, logits_adv: Tensor, y: Tensor) -> Tensor:
+    """MART's misclassification-aware KL: sum_k KL(p_nat || p_adv) * (1 - p_nat_y), mean over the batch.
+
+    Official code: `sum(kl(log(adv_probs + 1e-12), nat_probs), 1) * (1.0000001 - true_probs)` / B. Both
+    the clean and the adversarial logits receive gradients, the weight included (nothing is detached).
+    """
+    p_nat = F.softmax(logits_nat, dim=1)
+    p_adv = F.softmax(logits_adv, dim=1)
+    per_example = F.kl_div((p_adv + 1e-12).log(), p_nat, reduction="none").sum(1)
+    true_probs = p_nat.gather(1, y.unsqueeze(1)).squeeze(1)
+    return (per_example * (1.0000001 - true_probs)).mean()
+
+
+def mart(logits_nat: Tensor, logits_adv: Tensor, y: Tensor, alpha: float) -> Tensor:
+    """MART: BCE(f(x_adv), y) + alpha * KL(f(x) || f(x_adv)) * (1 - p_y(x)); alpha is the official `--beta` (6)."""
+    return boosted_ce(logits_adv, y) + alpha * mart_kl(logits_nat, logits_adv, y)
+
+
+def js_divergence(logits_1: Tensor, logits_2: Tensor, temperature: float = 1.0) -> Tensor:
+    """Jensen-Shannon divergence of softmax(logits/T), as Cons-AT's `_jensen_shannon_div`.
+
+    0.5 * (KL(p1 || m) + KL(p2 || m)) with m = (p1 + p2)/2, log m clamped at 1e-8, summed over classes
+    and averaged over the rows (`batchmean`). Symmetric; gradients flow into both arguments and m.
+    An empty batch gives 0 (RAAT applies its term to a subset that can be empty).
+    """
+    if logits_1.shape[0] == 0:
+        return logits_1.sum() * 0.0
+    p1 = F.softmax(logits_1 / temperature, dim=1)
+    p2 = F.softmax(logits_2 / temperature, dim=1)
+    log_m = (0.5 * (p1 + p2)).clamp(min=1e-8).log()
+    return 0.5 * (F.kl_div(log_m, p1, reduction="batchmean") + F.kl_div(log_m, p2, reduction="batchmean"))
+
+
+def cons_at(
+    logits_adv_1: Tensor, logits_adv_2: Tensor, y: Tensor, lam: float = 1.0, temperature: float = 0.5
+) -> Tensor:
+    """Cons-AT (Table 4): CE on the adversarial examples of both augmentations + lam * JS between them.
+
+    `logits_adv_1[i]` and `logits_adv_2[i]` come from two augmentations of image i (label y[i]). As the
+    official code, the CE is the mean over all 2B examples and the JS uses temperature T (0.5 there).
+    """
+    # the mean over the 2B examples, written as the mean of the two halves' means (equal sizes)
+    ce = 0.5 * (F.cross_entropy(logits_adv_1, y) + F.cross_entropy(logits_adv_2, y))
+    return ce + lam * js_divergence(logits_adv_1, logits_adv_2, temperature)
+
+
+DicarTarget = Literal["logits", "probabilities"]
+
+
+def dicar(
+    logits_mix_adv: Tensor,
+    logits_nat_1: Tensor,
+    logits_nat_2: Tensor,
+    mix: float,
+    temperature: float = 0.5,
+    target: DicarTarget = "logits",
+) -> Tensor:
+    """RAAT's DICAR term: JS(f(mix*x1' + (1-mix)*x2') || interpolation of f(x1) and f(x2)), mean over rows.
+
+    Row i holds, for one image, the prediction on the interpolation of its two augmentations'
+    adversarial examples and the clean logits of both augmentations. `target='logits'` interpolates
+    the clean logits and then applies softmax(./T), as the official RAAT code; `'probabilities'`
+    interpolates softmax(./T) of each, as Eq. 15-16 write it. The clean side is not detached: in the
+    official code it is a training-mode forward that receives gradients. No rows gives 0.
+    """
+    if target == "logits":
+        return js_divergence(logits_mix_adv, mix * logits_nat_1 + (1 - mix) * logits_nat_2, temperature)
+    if target != "probabilities":
+        raise ValueError(f"target: unknown {target!r}; use 'logits' or 'probabilities'")
+    if logits_mix_adv.shape[0] == 0:
+        return logits_mix_adv.sum() * 0.0
+    p1 = F.softmax(logits_mix_adv / temperature, dim=1)
+    p2 = mix * F.softmax(logits_nat_1 / temperature, dim=1) + (1 - mix) * F.softmax(
+        logits_nat_2 / temperature, dim=1
+    )
+    log_m = (0.5 * (p1 + p2)).clamp(min=1e-8).log()
+    return 0.5 * (F.kl_div(log_m, p1, reduction="batchmean") + F.kl_div(log_m, p2, reduction="batchmean"))
+
+
+def raat(
+    logits_ce: Tensor,
+    y: Tensor,
+    logits_mix_adv: Tensor,
+    logits_nat_1: Tensor,
+    logits_nat_2: Tensor,
+    mix: float,
+    *,
+    lam: float = 1.0,
+    temperature: float = 0.5,
+    target: DicarTarget = "logits",
+) -> Tensor:
+    """RAAT (Table 4): CE on each example's training input + lam * DICAR.
+
+    `logits_ce` are the logits of the full adversarial example for non-boundary and misclassified
+    samples and of the reduced one (x + eta*delta) for boundary samples; the indicator functions that
+    choose are the caller's (they use a frozen copy of the model). CE is the mean over all examples;
+    DICAR rows are the images whose two augmentations are both classified correctly.
+    """
+    ce = F.cross_entropy(logits_ce, y)
+    return ce + lam * dicar(logits_mix_adv, logits_nat_1, logits_nat_2, mix, temperature, target)
+
+
+def raat_pp(
+    logits_ce: Tensor,
+    y: Tensor,
+    logits_nat: Tensor,
+    logits_adv: Tensor,
+    logits_mix_adv: Tensor,
+    logits_nat_1: Tensor,
+    logits_nat_2: Tensor,
+    mix: float,
+    *,
+    lam: float = 1.0,
+    alpha: float = 6.0,
+    temperature: float = 0.5,
+    target: DicarTarget = "logits",
+) -> Tensor:
+    """RAAT++ (Table 4): BCE on the RAAT training inputs + alpha * MART's weighted KL + lam * DICAR.
+
+    The KL compares the clean logits with those of the full adversarial examples (for every sample,
+    boundary ones included), as MART and the official `mart_loss_bd`; `alpha` is that code's `beta`
+    (6 by default there), `lam` the DICAR weight (1).
+    """
+    loss = boosted_ce(logits_ce, y) + alpha * mart_kl(logits_nat, logits_adv, y)
+    return loss + lam * dicar(logits_mix_adv, logits_nat_1, logits_nat_2, mix, temperature, target)

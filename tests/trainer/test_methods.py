@@ -56,7 +56,20 @@ def _spec(key: str, teacher_checkpoint=None):
 
 
 def test_every_method_is_registered():
-    assert list_methods() == ["alp", "bgat", "cat", "fat", "lbgat", "natural", "pgd_at", "trades"]
+    assert list_methods() == [
+        "alp",
+        "bgat",
+        "cat",
+        "cons_at",
+        "fat",
+        "lbgat",
+        "mart",
+        "natural",
+        "pgd_at",
+        "raat",
+        "raat_pp",
+        "trades",
+    ]
 
 
 @pytest.mark.parametrize("key", [*METHOD_SPECS, "bgat"])

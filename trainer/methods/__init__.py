@@ -31,6 +31,18 @@ def build_method(spec: Any, threat: ThreatModel) -> Method:
 
 
 # Registration happens on import of each module.
-from trainer.methods import alp, bgat, cat, fat, lbgat, natural, pgd_at, trades  # noqa: E402, F401
+from trainer.methods import (  # noqa: E402, F401
+    alp,
+    bgat,
+    cat,
+    cons_at,
+    fat,
+    lbgat,
+    mart,
+    natural,
+    pgd_at,
+    raat,
+    trades,
+)
 
 __all__ = ["AttackConfig", "Method", "StepOutput", "build_method", "list_methods", "register_method"]

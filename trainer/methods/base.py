@@ -83,6 +83,9 @@ class Method:
     uses_teacher: ClassVar[bool] = False
     #: robust model's mode while `auxiliary_loss` runs (only for methods with an auxiliary network)
     robust_mode_during_auxiliary: ClassVar[Mode] = "train"
+    #: train on two random augmentations of every image (Cons-AT, RAAT): the loop then passes both
+    #: views stacked, x[:B] and x[B:] being the two views of the same B images, and y repeated
+    two_views: ClassVar[bool] = False
 
     def __init__(self, spec: Any, threat: ThreatModel) -> None:
         self.spec = spec
