@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import math
 import multiprocessing
 import os
@@ -331,28 +330,21 @@ def touch_views(svc: Service) -> None:
 # ------------------------------------------------------------------------------------------ Ray
 
 
-def start_ray(verbose: bool) -> str:
-    import ray
+def start_ray(verbose: bool) -> Any:
+    """A Ray head with 2 CPUs on free ports (`ray start --head`, token auth on), as `lbgat serve` starts it."""
+    from service.local_ray import LocalRay
 
-    context = ray.init(
-        num_cpus=2,
-        include_dashboard=True,
-        dashboard_port=free_port(),
-        log_to_driver=verbose,
-        logging_level=logging.WARNING,
-    )
-    url = f"http://{context.dashboard_url}"
+    return LocalRay(num_cpus=2)
+
+
+def ray_job_client(dashboard: str) -> Any:
+    """Ray's own Job Submission client, with the cluster's token (what a user of Ray alone would run)."""
     from ray.job_submission import JobSubmissionClient
 
-    deadline = time.monotonic() + 60
-    while True:  # the dashboard's job API comes up a moment after ray.init returns
-        try:
-            JobSubmissionClient(url).list_jobs()
-            return url
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
+    from service.ray_jobs import find_ray_token
+
+    token = find_ray_token()
+    return JobSubmissionClient(dashboard, headers={"Authorization": f"Bearer {token}"} if token else None)
 
 
 def direct_ray_once(client: Any, entrypoint: str, poll_s: float) -> float:
@@ -487,13 +479,12 @@ def main(argv: list[str] | None = None) -> int:
 def dispatch_part(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """Submit-to-running: ours (POST -> state `running`) next to a direct Ray Job API submission of
     the same entrypoint, alternating, on one local Ray with free capacity."""
-    import ray
-    from ray.job_submission import JobSubmissionClient
 
     entrypoint = SLEEP_ENTRYPOINT.format(seconds=args.sleep_s)
     poll = args.poll_ms / 1000
     log(args.verbose, "starting a local Ray (2 CPUs, dashboard on)")
-    dashboard = start_ray(args.verbose)
+    head = start_ray(args.verbose)
+    dashboard = head.dashboard_url
     try:
         env = {
             "LBGAT_RAY_ADDRESS": dashboard,
@@ -502,7 +493,7 @@ def dispatch_part(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         }
         direct, ours = [], []
         with service(tmp / "dispatch", scheduler=True, extra_env=env, verbose=args.verbose) as svc:
-            ray_client = JobSubmissionClient(dashboard)
+            ray_client = ray_job_client(dashboard)
             # one warm-up run each (Ray's first job starts its job agent's machinery)
             direct_ray_once(ray_client, entrypoint, poll)
             ours_once(svc, poll)
@@ -514,7 +505,7 @@ def dispatch_part(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             if not args.skip_memory:
                 memory = scheduler_memory(args, tmp, dashboard)
     finally:
-        ray.shutdown()
+        head.stop()
     med_direct, med_ours = statistics.median(direct), statistics.median(ours)
     return {
         "entrypoint": entrypoint,

@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -105,6 +106,12 @@ class LocalRay:
                 self.process.wait()
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)  # anything left of the head's process group
+        # `ray start` records its address for later `ray.init()` calls on this machine; `ray stop` would
+        # remove it, but that stops every Ray here. Forget it only where it still names this head.
+        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        with contextlib.suppress(OSError):
+            if current.read_text().strip().endswith(":" + self.address.rsplit(":", 1)[1]):
+                current.unlink()
         if self._log is not subprocess.DEVNULL:
             self._log.close()
 

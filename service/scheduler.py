@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from api_schemas.jobs import JobState
@@ -280,7 +280,7 @@ class Scheduler:
                 log.exception("scheduler round failed")
             busy = self._has_dispatching()
             # poll fast while a submission is on its way to RUNNING, so dispatch latency stays low
-            pause = min(0.1, self.settings.poll_interval_s) if busy else self.settings.poll_interval_s
+            pause = min(0.05, self.settings.poll_interval_s) if busy else self.settings.poll_interval_s
             self._wake.wait(max(0.0, pause - (time.monotonic() - started)))
             self._wake.clear()
 
@@ -296,9 +296,12 @@ class Scheduler:
     # -- one round -----------------------------------------------------------------------------------
 
     def run_round(self) -> None:
+        """Dispatch first (a woken round is usually a new submission waiting for a free slot), then
+        reconcile with Ray, and dispatch again if reconciling freed slots."""
         self.rounds += 1
-        self.reconcile()
         self.schedule()
+        if self.reconcile():
+            self.schedule()
 
     def capacity(self, max_age_s: float = 5.0) -> Capacity | None:
         if self.ray is None:
@@ -476,7 +479,8 @@ class Scheduler:
 
     # -- reconciliation ------------------------------------------------------------------------------
 
-    def reconcile(self) -> None:
+    def reconcile(self) -> int:
+        """Bring every dispatched job's state in line with Ray's; returns how many left the active states."""
         with self.sessions() as session:
             rows = (
                 session.execute(select(Experiment.id).where(Experiment.state.in_(ACTIVE_STATES)))
@@ -488,9 +492,18 @@ class Scheduler:
                 self._reconcile_one(exp_id)
             except RayUnavailable as exc:
                 log.warning("cannot reach Ray to reconcile: %s", exc)
-                return
+                break
             except Exception:
                 log.exception("reconciling %s failed", exp_id)
+        if not rows:
+            return 0
+        with self.sessions() as session:
+            still = session.scalar(
+                select(func.count())
+                .select_from(Experiment)
+                .where(Experiment.id.in_(rows), Experiment.state.in_(ACTIVE_STATES))
+            )
+        return len(rows) - int(still or 0)
 
     def _reconcile_one(self, exp_id: str) -> None:
         with self.sessions() as session:
