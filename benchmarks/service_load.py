@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from api_schemas.presets import PRESETS  # noqa: E402
-from workers.dev_s3 import free_port  # noqa: E402
+from service.local_service import LocalService  # noqa: E402
 
 SLEEP_ENTRYPOINT = 'python -c "import time; time.sleep({seconds})"'
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -74,7 +74,6 @@ def service(
     """`uvicorn --factory service.app:create_app` in a subprocess on a free port, SQLite and a local
     store under `workdir`, an admin token made up here; stopped (SIGTERM, then SIGKILL) on exit."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port = free_port()
     token = "lbg_bench_" + secrets.token_urlsafe(24)
     env = {
         **os.environ,
@@ -86,47 +85,14 @@ def service(
         "LBGAT_WORKER_PYTHON": sys.executable,
         **(extra_env or {}),
     }
-    cmd = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "--factory",
-        "service.app:create_app",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-        "--no-access-log",
-    ]
-    out = None if verbose else open(workdir / "service.log", "w")  # noqa: SIM115
-    process = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    proc = LocalService(env, workdir / "service.log", cwd=workdir)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            if process.poll() is not None:
-                tail = "" if verbose else (workdir / "service.log").read_text()[-3000:]
-                raise RuntimeError(f"the service exited with code {process.returncode} at start:\n{tail}")
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("the service did not answer /healthz within 60 s")
-            time.sleep(0.1)
-        yield Service(url=url, pid=process.pid, admin_token=token, process=process)
+        proc.start()
+        yield Service(url=proc.url, pid=proc.pid, admin_token=token, process=proc.process)
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        if out is not None:
-            out.close()
+        proc.stop(timeout_s=15)
+        if verbose:
+            print(proc.log_tail(200), file=sys.stderr)
 
 
 def make_users(svc: Service, n: int) -> list[str]:

@@ -227,9 +227,7 @@ def transition(
 # -- access ------------------------------------------------------------------------------------------
 
 
-def get_experiment(
-    session: Session, experiment_id: str, *, viewer: User, for_update: bool = False
-) -> Experiment:
+def get_experiment(session: Session, experiment_id: str, *, viewer: User) -> Experiment:
     """The experiment, if `viewer` may see it (their team's, or any for an admin)."""
     query = select(Experiment).where(Experiment.id == experiment_id)
     exp = session.scalar(query)
@@ -414,12 +412,14 @@ def to_out(
     )
 
 
-def result_row(exp: Experiment) -> ResultRow | None:
-    if not exp.results:
+def result_row(exp: Experiment, *, require_results: bool = True) -> ResultRow | None:
+    """The experiment's leaderboard row; None before it has results, unless `require_results` is
+    False (a comparison shows unfinished experiments as rows without accuracies)."""
+    if not exp.results and require_results:
         return None
     return ResultRow.model_validate(
         {
-            **exp.results,
+            **(exp.results or {}),
             "experiment_id": exp.id,
             "name": exp.name,
             "owner": exp.owner.name,

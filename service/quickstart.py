@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import secrets
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -48,47 +47,6 @@ def quickstart_specs(epochs: int | None = None) -> dict[str, dict[str, Any]]:
         ],
     )
     return {"LBGAT": lbgat.model_dump(mode="json"), "TRADES": trades.model_dump(mode="json")}
-
-
-class Service:
-    """`uvicorn --factory service.app:create_app` in a child process on a free port."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        from service.local_ray import free_port
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self._log = log_path.open("ab")
-        cmd = [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app",
-               "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]  # fmt: skip
-        self.process = subprocess.Popen(
-            cmd, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT
-        )
-
-    def wait_ready(self, client: Any, timeout_s: float = 60) -> None:
-        from service.client import ClientError
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the service exited with {self.process.returncode}; see {self.log_path}")
-            try:
-                client.health()
-                return
-            except ClientError:
-                time.sleep(0.2)
-        raise RuntimeError(f"the service did not start within {timeout_s:.0f} s; see {self.log_path}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
 
 
 def follow(client: Any, ids: dict[str, str], epochs: dict[str, int], timeout_s: float) -> dict[str, Any]:
@@ -192,6 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from service.client import Client
     from service.local_ray import LocalRay
+    from service.local_service import LocalService
     from service.settings import ServiceSettings
     from workers.settings import StoreSettings
 
@@ -214,9 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "LBGAT_USER_MAX_RUNNING_JOBS": "2",
             "LBGAT_POLL_INTERVAL_S": "0.5",
         }
-        service = Service(env, out / "service.log")
+        service = LocalService(env, out / "service.log").start()
         client = Client(service.url, token)
-        service.wait_ready(client)
         console.print(
             f"service on {service.url} (Ray dashboard {ray.dashboard_url}); submitting over REST ..."
         )

@@ -4,81 +4,14 @@ and on PostgreSQL."""
 
 from __future__ import annotations
 
-import os
 import secrets
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
-import httpx
 import pytest
 
-from workers.dev_s3 import free_port
-
-
-class ServiceProcess:
-    """`python -m uvicorn --factory service.app:create_app` with the given LBGAT_* environment."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.env = env
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.process: subprocess.Popen | None = None
-
-    def start(self, timeout_s: float = 60) -> ServiceProcess:
-        cmd = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "--factory",
-            "service.app:create_app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--log-level",
-            "warning",
-        ]
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            cmd, env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT
-        )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"service exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        self.kill()
-        raise RuntimeError(f"service did not answer /healthz within {timeout_s} s:\n{self.log_tail()}")
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown hooks run, as when a machine or container dies."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def log_tail(self, n: int = 60) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
-        except FileNotFoundError:
-            return ""
+from service.local_service import LocalService
 
 
 @pytest.fixture
@@ -103,8 +36,8 @@ def service_env(database_url, ray_cluster, s3_server, tmp_path) -> dict[str, str
 
 
 @pytest.fixture
-def service(service_env, tmp_path) -> Iterator[ServiceProcess]:
-    proc = ServiceProcess(service_env, tmp_path / "service.log").start()
+def service(service_env, tmp_path) -> Iterator[LocalService]:
+    proc = LocalService(service_env, tmp_path / "service.log").start()
     try:
         yield proc
     finally:

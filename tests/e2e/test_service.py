@@ -11,7 +11,7 @@ import time
 import httpx
 
 from api_schemas.presets import get_preset
-from tests.e2e.conftest import ServiceProcess, auth, wait_for
+from tests.e2e.conftest import LocalService, auth, wait_for
 
 # A short LBGAT run on the digits set: 3 epochs, a small evaluation with AutoAttack on 60 images.
 FAST = [
@@ -83,9 +83,7 @@ def sse_events(client: httpx.Client, token: str, exp_id: str, timeout_s: float) 
     raise AssertionError(f"no `end` event within {timeout_s} s; got {events}")
 
 
-def test_lbgat_digits_runs_to_success_with_metrics_results_and_checkpoint(
-    service: ServiceProcess, service_env
-):
+def test_lbgat_digits_runs_to_success_with_metrics_results_and_checkpoint(service: LocalService, service_env):
     admin = service_env["LBGAT_ADMIN_TOKEN"]
     with httpx.Client(base_url=service.url, timeout=30) as client:
         exp = submit(client, admin, digits_spec("e2e-lbgat"))
@@ -135,7 +133,7 @@ def test_lbgat_digits_runs_to_success_with_metrics_results_and_checkpoint(
         assert logs.status_code == 200 and exp["id"] in logs.text
 
 
-def test_cancel_a_running_job_stops_its_ray_job(service: ServiceProcess, service_env, ray_cluster):
+def test_cancel_a_running_job_stops_its_ray_job(service: LocalService, service_env, ray_cluster):
     admin = service_env["LBGAT_ADMIN_TOKEN"]
     with httpx.Client(base_url=service.url, timeout=30) as client:
         exp = submit(client, admin, digits_spec("e2e-cancel", "optimization.epochs=200"))
@@ -156,7 +154,7 @@ def test_restart_finds_queued_and_running_jobs_and_never_submits_twice(service_e
     state, keeps the running one, dispatches the others in order, and Ray saw one submission each."""
     env = {**service_env, "LBGAT_WORKER_ENTRYPOINT": SLEEP.format(seconds=6)}
     admin = env["LBGAT_ADMIN_TOKEN"]
-    first = ServiceProcess(env, tmp_path / "first.log").start()
+    first = LocalService(env, tmp_path / "first.log").start()
     try:
         with httpx.Client(base_url=first.url, timeout=30) as client:
             ids = [submit(client, admin, sleep_spec(f"restart-{i}"))["id"] for i in range(3)]
@@ -165,7 +163,7 @@ def test_restart_finds_queued_and_running_jobs_and_never_submits_twice(service_e
     finally:
         first.kill()
 
-    second = ServiceProcess(env, tmp_path / "second.log").start()
+    second = LocalService(env, tmp_path / "second.log").start()
     try:
         with httpx.Client(base_url=second.url, timeout=30) as client:
             states = [get(client, admin, i)["state"] for i in ids]
@@ -199,7 +197,7 @@ def test_fair_share_orders_two_users_jobs(service_env, tmp_path):
     Only the order matters here, so the jobs sleep instead of training."""
     env = {**service_env, "LBGAT_WORKER_ENTRYPOINT": SLEEP.format(seconds=4)}
     admin = env["LBGAT_ADMIN_TOKEN"]
-    service = ServiceProcess(env, tmp_path / "service.log").start()
+    service = LocalService(env, tmp_path / "service.log").start()
     try:
         started = _fair_share_run(service, admin)
     finally:
@@ -209,7 +207,7 @@ def test_fair_share_orders_two_users_jobs(service_env, tmp_path):
     assert order == [alice[0], bob[0], alice[1], alice[2]]
 
 
-def _fair_share_run(service: ServiceProcess, admin: str) -> dict:
+def _fair_share_run(service: LocalService, admin: str) -> dict:
     with httpx.Client(base_url=service.url, timeout=30) as client:
         tokens = {}
         for name, team in (("alice", "vision"), ("bob", "robustness")):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -183,6 +183,25 @@ def _out(exp: Experiment, settings: ServiceSettings) -> ExperimentOut:
     return jobs.to_out(exp, settings=settings)
 
 
+def _change(
+    operation: Callable[..., Experiment],
+    experiment_id: str,
+    user: User,
+    sessions: sessionmaker[Session],
+    settings: ServiceSettings,
+    scheduler: SchedulerLike | None,
+) -> ExperimentOut:
+    """Apply a lifecycle operation (cancel, retry) in one transaction, then start a scheduler round."""
+
+    def change(session: Session) -> ExperimentOut:
+        exp = jobs.get_experiment(session, experiment_id, viewer=user)
+        return _out(operation(session, exp, user=user), settings)
+
+    out = run_tx(sessions, change)
+    wake(scheduler)
+    return out
+
+
 # -- routes ------------------------------------------------------------------------------------------
 
 
@@ -317,13 +336,7 @@ def cancel_experiment(
     settings: SettingsDep,
     scheduler: SchedulerDep,
 ) -> ExperimentOut:
-    def cancel(session: Session) -> ExperimentOut:
-        exp = jobs.get_experiment(session, experiment_id, viewer=current_user, for_update=True)
-        return _out(jobs.cancel_experiment(session, exp, user=current_user), settings)
-
-    out = run_tx(sessions, cancel)
-    wake(scheduler)
-    return out
+    return _change(jobs.cancel_experiment, experiment_id, current_user, sessions, settings, scheduler)
 
 
 @router.post(
@@ -339,13 +352,7 @@ def retry_experiment(
     settings: SettingsDep,
     scheduler: SchedulerDep,
 ) -> ExperimentOut:
-    def retry(session: Session) -> ExperimentOut:
-        exp = jobs.get_experiment(session, experiment_id, viewer=current_user, for_update=True)
-        return _out(jobs.retry_experiment(session, exp, user=current_user), settings)
-
-    out = run_tx(sessions, retry)
-    wake(scheduler)
-    return out
+    return _change(jobs.retry_experiment, experiment_id, current_user, sessions, settings, scheduler)
 
 
 @router.delete(
@@ -370,7 +377,7 @@ def delete_experiment(
     scheduler dispatching it meanwhile wins and the delete is refused); then the store's objects."""
 
     def remove(session: Session) -> None:
-        exp = jobs.get_experiment(session, experiment_id, viewer=current_user, for_update=True)
+        exp = jobs.get_experiment(session, experiment_id, viewer=current_user)
         jobs.require_owner(exp, current_user)
         active = f"experiment {exp.id} is {exp.state}; cancel it first"
         if JobState(exp.state).active:

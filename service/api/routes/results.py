@@ -18,21 +18,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": ErrorDetail}, 422: {"
 
 def _row(exp: Experiment) -> ResultRow:
     """The experiment's result row; one without accuracies while it has no results yet."""
-    row = jobs.result_row(exp)
-    if row is not None:
-        return row
-    return ResultRow(
-        experiment_id=exp.id,
-        name=exp.name,
-        owner=exp.owner.name,
-        team=exp.team.name,
-        method=exp.method,
-        dataset=exp.dataset,
-        norm=exp.norm,
-        eps=exp.eps,
-        model=exp.model,
-        finished_at=exp.finished_at,
-    )
+    row = jobs.result_row(exp, require_results=False)
+    assert row is not None
+    return row
 
 
 @router.get(
