@@ -93,7 +93,9 @@ def comparison_table(comparison: Comparison, labels: dict[str, str]) -> Any:
     table.add_column("method")
     table.add_column("experiment", no_wrap=True)
     table.add_column("clean", justify="right")
-    for attack in comparison.attacks:
+    # AutoAttack gets its own column (the leaderboard's); the other attacks one column each
+    attacks = [a for a in comparison.attacks if not a.startswith("autoattack")]
+    for attack in attacks:
         table.add_column(attack, justify="right")
     table.add_column("AutoAttack", justify="right")
     table.add_column("NRR", justify="right")
@@ -102,7 +104,7 @@ def comparison_table(comparison: Comparison, labels: dict[str, str]) -> Any:
     for row in comparison.rows:
         table.add_row(
             by_id.get(row.experiment_id, row.method), row.experiment_id, pct(row.clean_accuracy),
-            *[pct(row.attacks.get(a)) for a in comparison.attacks], pct(row.autoattack_accuracy), pct(row.nrr),
+            *[pct(row.attacks.get(a)) for a in attacks], pct(row.autoattack_accuracy), pct(row.nrr),
         )  # fmt: skip
     return table
 
