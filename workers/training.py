@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -40,6 +41,26 @@ def scaling_config(spec: ExperimentSpec) -> ScalingConfig:
     return ScalingConfig(num_workers=res.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker)
 
 
+def absolute_paths(spec: ExperimentSpec, base: Path | None = None) -> ExperimentSpec:
+    """The spec with its relative file paths (dataset root, teacher and transfer-source checkpoints)
+    made absolute against the job's working directory. Ray Train starts each worker in its own
+    working directory, where the preset's `data/` would not be found; the job's directory (the
+    image's /work on every node) is where a spec's relative paths mean something."""
+    base = base or Path.cwd()
+    data = spec.model_dump(mode="json")
+
+    def fix(path: str) -> str:
+        return path if "://" in path or Path(path).is_absolute() else str(base / path)
+
+    data["dataset"]["root"] = fix(data["dataset"]["root"])
+    if "teacher_checkpoints" in data["method"]:
+        data["method"]["teacher_checkpoints"] = [fix(p) for p in data["method"]["teacher_checkpoints"]]
+    for attack in data["evaluation"]["attacks"]:
+        if attack.get("source_checkpoint"):
+            attack["source_checkpoint"] = fix(attack["source_checkpoint"])
+    return ExperimentSpec.model_validate(data)
+
+
 def make_trainer(
     spec: ExperimentSpec,
     *,
@@ -50,7 +71,7 @@ def make_trainer(
     callbacks: Sequence[Any] = (),
 ) -> TorchTrainer:
     filesystem, base = store.pyarrow_filesystem()
-    config = WorkerConfig(spec=spec, experiment_id=experiment_id, trial=trial)
+    config = WorkerConfig(spec=absolute_paths(spec), experiment_id=experiment_id, trial=trial)
     run_config = RunConfig(
         name=RAY_RUN_NAME,
         storage_path=f"{base.rstrip('/')}/{experiment_prefix(experiment_id, trial).rstrip('/')}",

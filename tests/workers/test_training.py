@@ -181,3 +181,22 @@ def test_bad_spec_and_unknown_job_are_input_errors(s3_env, tmp_path, capsys):
     assert "method.alpha" in capsys.readouterr().err
     assert entry.main(["--job-id", "nope"]) == entry.EXIT_BAD_INPUT
     assert "experiments/nope/spec.json" in capsys.readouterr().err
+
+
+def test_relative_paths_are_resolved_against_the_job_directory(tmp_path):
+    """Ray Train starts workers in their own directory: the spec they get names files absolutely."""
+    from workers.training import absolute_paths
+
+    spec = get_preset(
+        "digits",
+        [
+            "dataset.root=data",
+            "evaluation.attacks=[{kind: transfer, name: local, source_checkpoint: runs/src/last.pt}, "
+            "{kind: transfer, name: remote, source_checkpoint: s3://bucket/x.pt}]",
+        ],
+    )
+    fixed = absolute_paths(spec, base=tmp_path)
+    assert fixed.dataset.root == str(tmp_path / "data")
+    assert fixed.evaluation.attacks[0].source_checkpoint == str(tmp_path / "runs/src/last.pt")
+    assert fixed.evaluation.attacks[1].source_checkpoint == "s3://bucket/x.pt"
+    assert absolute_paths(fixed, base=tmp_path / "elsewhere") == fixed  # absolute paths stay
