@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -66,9 +65,3 @@ def run_tx(sessions: sessionmaker[Session], fn: Callable[[Session], T], *, attem
                     raise
         time.sleep(0.005 * 2**attempt)
     raise AssertionError("unreachable")
-
-
-@contextmanager
-def read_session(sessions: sessionmaker[Session]) -> Iterator[Session]:
-    with sessions() as session:
-        yield session
