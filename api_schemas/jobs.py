@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -43,6 +43,11 @@ class _Out(BaseModel):
 
 # -- experiments -------------------------------------------------------------------------------------
 
+# A tag labels a job in listings and the CLI's tables: short, never empty, and made of characters
+# that need no quoting in a URL, a shell or a log line.
+TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/+=@-]*$"
+Tag = Annotated[str, Field(min_length=1, max_length=64, pattern=TAG_PATTERN)]
+
 
 class ExperimentCreate(BaseModel):
     """POST /v1/experiments (JSON). A YAML upload sends the spec alone as the body, options as query."""
@@ -54,7 +59,11 @@ class ExperimentCreate(BaseModel):
     max_attempts: int | None = Field(
         None, ge=1, le=20, description="Ray job attempts before `failed` (default: the service setting)"
     )
-    tags: list[str] = Field(default_factory=list, max_length=16)
+    tags: list[Tag] = Field(
+        default_factory=list,
+        max_length=16,
+        description="1-64 characters each: letters, digits, ._:/+=@-",
+    )
 
 
 class QueueInfo(_Out):

@@ -1,20 +1,51 @@
 """ExperimentSpec: the one description of an experiment that runs locally, on Ray and through the API.
 
 Every part refuses unknown fields (a typo must not silently fall back to a default) and impossible
-values, and every error carries the dotted path of the field that caused it.
+values, and every error carries the dotted path of the field that caused it. "Impossible" includes
+what would only fail once the job runs: every integer has an upper bound (seeds fit numpy's 32 bits,
+counts fit a 64-bit database column and the machines that run them), every float is finite, and
+every list and string that can grow has a length limit, so a spec that validates can be queued,
+stored and started.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from itertools import pairwise
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
+
+from api_schemas.yaml_safe import YAMLLimitError, load_yaml
 
 SPEC_VERSION = 1
+
+# Upper bounds of the spec's numbers: what a run can use, not what a type can hold.
+INT64_MAX = 2**63 - 1  # the widest integer column of every database the service runs on
+SEED_MAX = 2**32 - 1  # numpy.random.seed takes 0..2**32-1
+MAX_EPOCHS = 10_000
+MAX_EXAMPLES = 10_000_000  # images in one split; ImageNet's training set is 1.28 M
+MAX_BATCH = 65_536  # images in one batch, training or evaluation
+MAX_STEPS = 10_000  # iterations of one attack
+MAX_CPU_THREADS = 1024
+MAX_WORKERS = 1024  # Ray workers of one run, concurrent sweep trials
+MAX_PATH = 4096  # characters of a path (Linux PATH_MAX)
+MAX_LIST = 64  # milestones, attacks, teacher checkpoints
+MAX_SWEEP_PARAMETERS = 32
+MAX_SWEEP_VALUES = 256  # grid/choice values of one parameter
+MAX_SWEEP_STRING = 256  # characters of one string value in a sweep
 
 Norm = Literal["linf", "l2"]
 AttackLoss = Literal["ce", "kl", "cw"]
@@ -41,7 +72,8 @@ MaskModelName = Literal["cat_mask_mnist_cnn", "cat_mask_resnet18"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan: YAML's .inf/.nan and JSON's Infinity/NaN parse as floats; no field means them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------- threat model
@@ -133,7 +165,9 @@ class BGATMethod(_GuidedMethod):
     """
 
     name: Literal["bgat"] = "bgat"
-    teacher_checkpoints: list[str] = Field(min_length=1)
+    teacher_checkpoints: list[Annotated[str, Field(min_length=1, max_length=MAX_PATH)]] = Field(
+        min_length=1, max_length=MAX_LIST
+    )
 
 
 class LBGATMethod(_GuidedMethod):
@@ -197,8 +231,10 @@ class FATMethod(_Strict):
         None, ge=0, description="TRADES weight (the official code's --beta); None: 6 for 'trades'"
     )
     tau: int = Field(0, ge=0, le=1000, description="steps allowed past the first misclassified iterate")
-    tau_milestones: list[int] | None = Field(
-        None, description="epochs at which tau grows by one; None: the official dynamic tau of the variant"
+    tau_milestones: list[Annotated[int, Field(le=MAX_EPOCHS)]] | None = Field(
+        None,
+        max_length=MAX_LIST,
+        description="epochs at which tau grows by one; None: the official dynamic tau of the variant",
     )
     omega: float | None = Field(
         None, ge=0, description="std of the noise added to each attack step; None: 0 ('trades'), 0.001 ('ce')"
@@ -289,10 +325,10 @@ class ModelRef(_Strict):
     """A model by registry name plus the few architecture options the registry accepts."""
 
     name: ModelName
-    depth: int | None = Field(None, ge=10)
-    widen_factor: int | None = Field(None, ge=1)
+    depth: int | None = Field(None, ge=10, le=1000)
+    widen_factor: int | None = Field(None, ge=1, le=64)
     drop_rate: float | None = Field(None, ge=0, lt=1)
-    width: int | None = Field(None, ge=1)
+    width: int | None = Field(None, ge=1, le=4096)
 
     @model_validator(mode="after")
     def _options_fit_model(self) -> ModelRef:
@@ -322,22 +358,33 @@ class ModelSpec(_Strict):
 
 class DatasetSpec(_Strict):
     name: DatasetName
-    root: str = Field("data", description="folder holding the dataset in its official layout")
+    root: str = Field(
+        "data", max_length=MAX_PATH, description="folder holding the dataset in its official layout"
+    )
     download: bool = Field(
         False, description="download where torchvision imports and the internet is reachable"
     )
-    resize_to: int | None = Field(None, ge=8, description="Tiny-ImageNet: LBGAT resizes to 32")
+    resize_to: int | None = Field(None, ge=8, le=1024, description="Tiny-ImageNet: LBGAT resizes to 32")
     augment: bool = Field(
         True, description="random crop (zero padding) + horizontal flip on training batches"
     )
-    crop_padding: int = Field(4, ge=0)
+    crop_padding: int = Field(4, ge=0, le=64)
     flip: bool = True
     val_size: int = Field(
-        0, ge=0, description="images held out of the training set for best-checkpoint selection"
+        0,
+        ge=0,
+        le=MAX_EXAMPLES,
+        description="images held out of the training set for best-checkpoint selection",
     )
-    train_limit: int | None = Field(None, ge=1, description="use only the first n training images")
-    test_limit: int | None = Field(None, ge=1, description="use only the first n test images")
-    synthetic_size: int = Field(1024, ge=16)
+    train_limit: int | None = Field(
+        None, ge=1, le=MAX_EXAMPLES, description="use only the first n training images"
+    )
+    test_limit: int | None = Field(
+        None, ge=1, le=MAX_EXAMPLES, description="use only the first n test images"
+    )
+    synthetic_size: int = Field(
+        1024, ge=16, le=1_000_000, description="images generated in memory (3x32x32 float32: 12 KiB each)"
+    )
 
     @model_validator(mode="after")
     def _resize_only_tiny(self) -> DatasetSpec:
@@ -353,7 +400,9 @@ class ScheduleSpec(_Strict):
     """Learning-rate schedule; epochs are 0-based, so milestone 75 means 'from the 76th epoch on'."""
 
     kind: Literal["piecewise", "cosine", "constant"] = "piecewise"
-    milestones: list[int] = Field(default_factory=lambda: [75, 90])
+    milestones: list[Annotated[int, Field(le=MAX_EPOCHS)]] = Field(
+        default_factory=lambda: [75, 90], max_length=MAX_LIST
+    )
     gamma: float = Field(0.1, gt=0, le=1)
     first_epoch_lr: float | None = Field(
         None, gt=0, description="official LBGAT code: lr 0.02 during the first epoch, then the schedule"
@@ -379,7 +428,9 @@ class WeightAveragingSpec(_Strict):
     """
 
     decay: float = Field(0.999, gt=0, lt=1, description="EMA decay per optimizer step")
-    start_epoch: int = Field(0, ge=0, description="0-based epoch from which the average starts")
+    start_epoch: int = Field(
+        0, ge=0, le=MAX_EPOCHS, description="0-based epoch from which the average starts"
+    )
     buffers: Literal["average", "copy"] = "average"
 
 
@@ -389,8 +440,8 @@ class OptimizationSpec(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(2e-4, ge=0, lt=1)
-    batch_size: int = Field(128, ge=1, le=65536, description="global batch (all workers together)")
-    epochs: int = Field(100, ge=1, le=10000)
+    batch_size: int = Field(128, ge=1, le=MAX_BATCH, description="global batch (all workers together)")
+    epochs: int = Field(100, ge=1, le=MAX_EPOCHS)
     schedule: ScheduleSpec = Field(default_factory=ScheduleSpec)
     weight_averaging: WeightAveragingSpec | None = Field(
         None, description="keep an EMA of the robust model's weights (None: off)"
@@ -410,7 +461,9 @@ class OptimizationSpec(_Strict):
 
 
 class _Attack(_Strict):
-    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_.\-]+$", description="label in reports")
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.\-]+$", max_length=128, description="label in reports"
+    )
 
 
 class FGSMAttackSpec(_Attack):
@@ -431,7 +484,7 @@ class PGDAttackSpec(_Attack):
     eps: float | None = Field(None, gt=0, description="default: the threat model's eps")
     norm: Norm | None = Field(None, description="default: the threat model's norm")
     step_size: float | None = Field(0.003, gt=0, description="None: the threat model's step_size")
-    steps: int = Field(20, ge=1, le=10000)
+    steps: int = Field(20, ge=1, le=MAX_STEPS)
     loss: AttackLoss = "ce"
     kappa: float = Field(0.0, ge=0)
     random_start: RandomStart = "uniform"
@@ -446,10 +499,10 @@ class AutoAttackSpec(_Attack):
 
     kind: Literal["autoattack"] = "autoattack"
     version: Literal["standard", "plus", "rand", "custom"] = "standard"
-    attacks: list[AutoAttackName] | None = None
+    attacks: list[AutoAttackName] | None = Field(None, max_length=len(get_args(AutoAttackName)))
     eps: float | None = Field(None, gt=0)
     norm: Norm | None = None
-    n_examples: int | None = Field(None, ge=1)
+    n_examples: int | None = Field(None, ge=1, le=MAX_EXAMPLES)
 
     @model_validator(mode="after")
     def _custom_needs_list(self) -> AutoAttackSpec:
@@ -467,11 +520,11 @@ class TransferAttackSpec(_Attack):
     """Black-box transfer: PGD computed on a source checkpoint, applied to the evaluated model."""
 
     kind: Literal["transfer"] = "transfer"
-    source_checkpoint: str
+    source_checkpoint: str = Field(min_length=1, max_length=MAX_PATH)
     eps: float | None = Field(None, gt=0)
     norm: Norm | None = None
     step_size: float | None = Field(0.003, gt=0, description="None: the threat model's step_size")
-    steps: int = Field(20, ge=1)
+    steps: int = Field(20, ge=1, le=MAX_STEPS)
     loss: AttackLoss = "ce"
     random_start: RandomStart = "uniform"
 
@@ -491,12 +544,14 @@ class SquareAttackSpec(_Attack):
     norm: Norm | None = Field(None, description="default: the threat model's norm")
     n_queries: int = Field(5000, ge=1, le=1_000_000)
     p_init: float = Field(0.8, gt=0, le=1, description="initial fraction of pixels in a square")
-    n_restarts: int = Field(1, ge=1)
+    n_restarts: int = Field(1, ge=1, le=100)
     rescale_schedule: bool = Field(
         False, description="rescale the p schedule to n_queries (Square's default)"
     )
-    seed: int = Field(0, ge=0)
-    n_examples: int | None = Field(None, ge=1, description="attack only the first n evaluated images")
+    seed: int = Field(0, ge=0, le=SEED_MAX)
+    n_examples: int | None = Field(
+        None, ge=1, le=MAX_EXAMPLES, description="attack only the first n evaluated images"
+    )
 
     def label(self) -> str:
         return self.name or f"square{self.n_queries}"
@@ -518,9 +573,11 @@ def lbgat_protocol() -> list[AttackSpec]:
 
 
 class EvaluationSpec(_Strict):
-    attacks: list[AttackSpec] = Field(default_factory=lbgat_protocol)
-    n_examples: int | None = Field(None, ge=1, description="evaluate on the first n test images")
-    batch_size: int = Field(256, ge=1)
+    attacks: list[AttackSpec] = Field(default_factory=lbgat_protocol, max_length=MAX_LIST)
+    n_examples: int | None = Field(
+        None, ge=1, le=MAX_EXAMPLES, description="evaluate on the first n test images"
+    )
+    batch_size: int = Field(256, ge=1, le=MAX_BATCH)
     on_best: bool = Field(True, description="also evaluate the best checkpoint when one is selected")
     weights: Literal["model", "averaged"] | None = Field(
         None,
@@ -547,7 +604,7 @@ class SelectionSpec(_Strict):
         default_factory=lambda: PGDAttackSpec(name="val_pgd10", step_size=None, steps=10),
         description="PGD-10 with the training attack's step from a random start by default",
     )
-    every_n_epochs: int = Field(1, ge=1)
+    every_n_epochs: int = Field(1, ge=1, le=MAX_EPOCHS)
     weights: Literal["model", "averaged"] | None = Field(
         None,
         description="which weights are validated: the model's or the EMA "
@@ -556,8 +613,10 @@ class SelectionSpec(_Strict):
 
 
 class CheckpointSpec(_Strict):
-    every_n_epochs: int = Field(1, ge=1)
-    keep_last: int | None = Field(2, ge=1, description="periodic checkpoints kept; None keeps all")
+    every_n_epochs: int = Field(1, ge=1, le=MAX_EPOCHS)
+    keep_last: int | None = Field(
+        2, ge=1, le=MAX_EPOCHS, description="periodic checkpoints kept; None keeps all"
+    )
 
 
 class RuntimeSpec(_Strict):
@@ -572,12 +631,13 @@ class RuntimeSpec(_Strict):
     cpu_threads: int | None = Field(
         None,
         ge=1,
+        le=MAX_CPU_THREADS,
         description="torch intra-op threads on CPU; small models run fastest on 1 (None: torch's default)",
     )
 
 
 class OutputSpec(_Strict):
-    dir: str | None = Field(None, description="default: runs/<name>")
+    dir: str | None = Field(None, max_length=MAX_PATH, description="default: runs/<name>")
 
 
 # --------------------------------------------------------------------------- cluster: resources, sweep
@@ -591,22 +651,76 @@ class ResourcesSpec(_Strict):
     the single-GPU recipe (BatchNorm statistics are per worker unless sync_batchnorm is on).
     """
 
-    num_workers: int = Field(1, ge=1, le=1024)
+    num_workers: int = Field(1, ge=1, le=MAX_WORKERS)
     use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
-    gpus_per_worker: float = Field(1.0, gt=0)
-    cpus_per_worker: float = Field(1.0, gt=0)
-    max_failures: int = Field(2, ge=0, description="worker-group restarts from the last checkpoint")
+    gpus_per_worker: float = Field(1.0, gt=0, le=64)
+    cpus_per_worker: float = Field(1.0, gt=0, le=MAX_CPU_THREADS)
+    max_failures: int = Field(2, ge=0, le=100, description="worker-group restarts from the last checkpoint")
     sync_batchnorm: bool = Field(True, description="SyncBatchNorm across GPU workers (single-GPU statistics)")
+
+
+def _sweep_value(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """Check one grid/choice value by hand before the union validates it.
+
+    A value replaces a spec field in every trial (`workers.sweep.trial_spec`), so it is what a field
+    can hold: a number, string, boolean or null, or a list of them (lr milestones, say). Checked
+    here rather than by the union alone so that the error is one sentence at the value's path instead
+    of one per union member, and so that an integer past 64 bits is refused rather than quietly
+    turned into a float.
+    """
+    if isinstance(value, list):
+        if len(value) > MAX_LIST:
+            raise ValueError(f"a list value holds at most {MAX_LIST} items (got {len(value)})")
+        for i, item in enumerate(value):
+            problem = (
+                "a list value cannot hold lists" if isinstance(item, list) else _sweep_scalar_problem(item)
+            )
+            if problem:
+                raise ValueError(f"item {i}: {problem}")
+    else:
+        problem = _sweep_scalar_problem(value)
+        if problem:
+            raise ValueError(problem)
+    return handler(value)
+
+
+def _sweep_scalar_problem(value: Any) -> str | None:
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return None if -INT64_MAX - 1 <= value <= INT64_MAX else "integers must fit in 64 bits"
+    if isinstance(value, float):
+        return None if math.isfinite(value) else "numbers must be finite"
+    if isinstance(value, str):
+        if len(value) > MAX_SWEEP_STRING:
+            return f"strings hold at most {MAX_SWEEP_STRING} characters (got {len(value)})"
+        return None
+    kind = "a mapping" if isinstance(value, dict) else f"a {type(value).__name__}"
+    return f"must be a number, string, boolean or null, or a list of them (got {kind})"
+
+
+SweepScalar = (
+    bool
+    | Annotated[int, Field(ge=-INT64_MAX - 1, le=INT64_MAX)]
+    | float
+    | Annotated[str, Field(max_length=MAX_SWEEP_STRING)]
+    | None
+)
+SweepValue = Annotated[
+    SweepScalar | Annotated[list[SweepScalar], Field(max_length=MAX_LIST)], WrapValidator(_sweep_value)
+]
+# A spec field by dotted path, as `workers.sweep` applies it (sections are mappings, no list indices).
+SweepPath = Annotated[str, Field(max_length=256, pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")]
 
 
 class GridDomain(_Strict):
     kind: Literal["grid"] = "grid"
-    values: list[Any] = Field(min_length=1)
+    values: list[SweepValue] = Field(min_length=1, max_length=MAX_SWEEP_VALUES)
 
 
 class ChoiceDomain(_Strict):
     kind: Literal["choice"] = "choice"
-    values: list[Any] = Field(min_length=1)
+    values: list[SweepValue] = Field(min_length=1, max_length=MAX_SWEEP_VALUES)
 
 
 class UniformDomain(_Strict):
@@ -625,8 +739,8 @@ class UniformDomain(_Strict):
 
 class IntDomain(_Strict):
     kind: Literal["randint"] = "randint"
-    low: int
-    high: int = Field(description="exclusive")
+    low: int = Field(ge=-INT64_MAX - 1, le=INT64_MAX)
+    high: int = Field(ge=-INT64_MAX - 1, le=INT64_MAX, description="exclusive")
 
     @model_validator(mode="after")
     def _ordered(self) -> IntDomain:
@@ -645,18 +759,22 @@ class SweepSpec(_Strict):
     domain; every trial's spec is the base spec with those fields replaced, validated like any spec.
     """
 
-    parameters: dict[str, SearchDomain] = Field(min_length=1)
+    parameters: dict[SweepPath, SearchDomain] = Field(min_length=1, max_length=MAX_SWEEP_PARAMETERS)
     search: Literal["grid", "random", "optuna"] = "grid"
-    num_samples: int = Field(1, ge=1, description="random/optuna: trials; grid: repeats of the grid")
+    num_samples: int = Field(
+        1, ge=1, le=10_000, description="random/optuna: trials; grid: repeats of the grid"
+    )
     scheduler: Literal["fifo", "asha"] = "fifo"
     metric: Literal["val_pgd_acc", "val_clean_acc", "val_nrr", "test_clean_accuracy", "neg_loss"] = (
         "val_pgd_acc"
     )
     mode: Literal["max", "min"] = "max"
-    grace_period: int = Field(1, ge=1, description="ASHA: epochs before a trial can be stopped")
-    reduction_factor: float = Field(2.0, gt=1)
+    grace_period: int = Field(
+        1, ge=1, le=MAX_EPOCHS, description="ASHA: epochs before a trial can be stopped"
+    )
+    reduction_factor: float = Field(2.0, gt=1, le=100)
     max_concurrent_trials: int | None = Field(
-        None, ge=1, description="None: as many as the cluster's GPUs/CPUs allow"
+        None, ge=1, le=MAX_WORKERS, description="None: as many as the cluster's GPUs/CPUs allow"
     )
 
     @model_validator(mode="after")
@@ -691,7 +809,7 @@ class ExperimentSpec(_Strict):
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     sweep: SweepSpec | None = None
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="numpy takes 32-bit seeds: 0..2**32-1")
     output: OutputSpec = Field(default_factory=OutputSpec)
 
     @model_validator(mode="after")
@@ -779,24 +897,33 @@ def _resolve_weights(
 
 
 class SpecError(ValueError):
-    """A spec that cannot run; `errors` holds {'loc': 'a.b', 'msg': ...} per problem."""
+    """A spec that cannot run; `errors` holds {'loc': 'a.b', 'msg': ...} per problem.
 
-    def __init__(self, errors: list[dict[str, str]], source: str = "spec") -> None:
+    `too_large` marks a spec refused for its size rather than its content (the API answers 413).
+    """
+
+    def __init__(
+        self, errors: list[dict[str, str]], source: str = "spec", *, too_large: bool = False
+    ) -> None:
         self.errors = errors
         self.source = source
+        self.too_large = too_large
         lines = [f"  {e['loc'] or '<root>'}: {e['msg']}" for e in errors]
         super().__init__(f"invalid {source}:\n" + "\n".join(lines))
 
 
 def _union_tags(union: Any, field: str) -> frozenset[str]:
-    """The discriminator values of an Annotated[A | B | ..., Field(discriminator=field)] union."""
+    """The discriminator values of an Annotated[A | B | ..., Field(discriminator=field)] union
+    (every value of each member's Literal: UniformDomain answers to 'uniform' and 'loguniform')."""
     members = get_args(get_args(union)[0])
-    return frozenset(cls.model_fields[field].default for cls in members)
+    return frozenset(tag for cls in members for tag in get_args(cls.model_fields[field].annotation))
 
 
-# pydantic puts these union tags in error paths; read off the unions, so a new method or attack
-# cannot be forgotten here.
-_UNION_TAGS = _union_tags(MethodSpec, "name") | _union_tags(AttackSpec, "kind")
+# pydantic puts these union tags in error paths; read off the unions, so a new method, attack or
+# search domain cannot be forgotten here.
+_UNION_TAGS = (
+    _union_tags(MethodSpec, "name") | _union_tags(AttackSpec, "kind") | _union_tags(SearchDomain, "kind")
+)
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:
@@ -841,14 +968,20 @@ def parse_spec(data: dict[str, Any], *, source: str = "spec") -> ExperimentSpec:
 
 
 def read_spec_file(path: str | Path) -> dict[str, Any]:
-    """Read YAML or JSON (chosen by suffix; YAML also parses JSON) into a dict."""
+    """Read YAML or JSON (chosen by suffix; YAML also parses JSON) into a dict.
+
+    YAML goes through the bounded loader (api_schemas.yaml_safe), like the API's uploads, so a spec
+    file that the CLI accepts is one the service accepts too.
+    """
     path = Path(path)
     if not path.is_file():
         raise SpecError([{"loc": "", "msg": f"no such spec file: {path}"}], str(path))
     text = path.read_text()
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        data = json.loads(text) if path.suffix == ".json" else load_yaml(text)
+    except YAMLLimitError as exc:
+        raise SpecError([{"loc": exc.path, "msg": exc.problem}], str(path), too_large=exc.too_large) from None
+    except (json.JSONDecodeError, RecursionError, yaml.YAMLError) as exc:
         raise SpecError(
             [{"loc": "", "msg": f"not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}"}], str(path)
         ) from None
@@ -875,7 +1008,13 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise SpecError(
                 [{"loc": key, "msg": f"override '{item}' must look like key.path=value"}], "--set"
             )
-        value = yaml.safe_load(raw) if raw else None
+        try:
+            value = load_yaml(raw) if raw else None
+        except YAMLLimitError as exc:
+            loc = f"{key}.{exc.path}" if exc.path and not exc.path.startswith("[") else key + exc.path
+            raise SpecError([{"loc": loc, "msg": exc.problem}], "--set", too_large=exc.too_large) from None
+        except yaml.YAMLError as exc:
+            raise SpecError([{"loc": key, "msg": f"not valid YAML: {exc}"}], "--set") from None
         node = result
         parts = key.split(".")
         for part in parts[:-1]:

@@ -70,6 +70,8 @@ async def _spec_error(request: Request, exc: SpecError) -> JSONResponse:
     errors = [{"loc": e["loc"], "msg": e["msg"]} for e in exc.errors]
     summary = "; ".join(f"{e['loc'] or '<root>'}: {e['msg']}" for e in errors[:5])
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    if exc.too_large:  # refused for its size (expanded YAML, stored JSON), not its content
+        return _error(status.HTTP_413_CONTENT_TOO_LARGE, f"spec too large: {summary}{more}", errors)
     return _error(status.HTTP_422_UNPROCESSABLE_CONTENT, f"invalid spec: {summary}{more}", errors)
 
 

@@ -70,7 +70,7 @@ class ApiError(ClientError):
             text += "\nrun `lbgat login` (or set LBGAT_TOKEN) with a valid API token"
         elif self.status == 403:
             text += "\nthis needs the owner of the experiment or an admin"
-        elif self.status == 413:
+        elif self.status == 413 and not self.errors:  # a spec too large to store names its section
             text += "\nthe request body is larger than the service accepts (LBGAT_MAX_SPEC_BYTES)"
         return text
 

@@ -83,6 +83,12 @@ class ServiceSettings(BaseSettings):
         None, description="if set, an admin user `admin` with this token exists at start (bootstrap)"
     )
     max_spec_bytes: int = Field(256 * 1024, ge=1024, description="largest accepted request body")
+    max_stored_spec_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="largest spec stored for a job, as the JSON of the resolved spec: defaults are "
+        "filled in and YAML aliases multiply what they point to, so it can exceed the body it came in",
+    )
     max_page_size: int = Field(200, ge=1, description="largest `limit` of a list request")
     presign_expiry_s: int = Field(900, ge=60, le=7 * 24 * 3600)
     cors_origins: list[str] = Field(default_factory=list)

@@ -12,13 +12,14 @@ import yaml
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import PlainTextResponse, StreamingResponse
-from pydantic import ValidationError
+from pydantic import AfterValidator, ValidationError
+from pydantic_core import PydanticCustomError
 from sqlalchemy import delete
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from api_schemas import ExperimentSpec, parse_spec
+from api_schemas import ExperimentSpec, SpecError, parse_spec
 from api_schemas.jobs import (
     ErrorDetail,
     ExperimentCreate,
@@ -28,6 +29,7 @@ from api_schemas.jobs import (
     JobState,
     TrialOut,
 )
+from api_schemas.yaml_safe import YAMLLimitError, load_yaml
 from service import jobs
 from service.api import sse
 from service.api.deps import (
@@ -113,7 +115,9 @@ async def read_submission(
     body = await _read_body(request, settings.max_spec_bytes)
     if content_type in YAML_TYPES:
         try:
-            data = yaml.safe_load(body) if body.strip() else {}
+            data = load_yaml(body) if body.strip() else {}
+        except YAMLLimitError as exc:  # past the loader's bounds: named where, and nothing expanded
+            raise SpecError([{"loc": exc.path, "msg": exc.problem}], too_large=exc.too_large) from None
         except (yaml.YAMLError, RecursionError) as exc:
             raise _invalid(("body",), f"not valid YAML: {exc}", "yaml_invalid") from None
         try:
@@ -136,7 +140,43 @@ async def read_submission(
             ) from None
         spec_data = options.spec
     spec = parse_spec(spec_data)  # SpecError -> 422 with the spec's field paths (app's handler)
+    check_stored_size(spec, settings.max_stored_spec_bytes)
     return Submission(spec, options.priority, options.max_attempts, list(options.tags))
+
+
+def check_stored_size(spec: ExperimentSpec, limit: int) -> None:
+    """Refuse (413) a spec whose stored form, the JSON of the resolved spec, is over `limit` bytes.
+
+    The body limit bounds what a client sends, not what is stored: defaults are filled in, and YAML
+    aliases (within the loader's bounds) still multiply what they point to. Measured the way the
+    database's JSON column writes it (json.dumps), and reported at the largest top-level section.
+    """
+    data = spec.model_dump(mode="json")
+    size = len(json.dumps(data).encode())
+    if size <= limit:
+        return
+    sizes = {key: len(json.dumps(value).encode()) for key, value in data.items()}
+    largest = max(sizes, key=sizes.__getitem__)
+    raise SpecError(
+        [
+            {
+                "loc": largest,
+                "msg": f"the spec as stored would be {size} bytes, over LBGAT_MAX_STORED_SPEC_BYTES "
+                f"({limit}); {largest} alone is {sizes[largest]} bytes",
+            }
+        ],
+        too_large=True,
+    )
+
+
+def _printable_ascii(value: str | None) -> str | None:
+    # A key is echoed in 409 answers and logs and compared byte for byte: control characters and
+    # bytes past ASCII (which Starlette decodes as Latin-1) would make it unreadable or ambiguous.
+    if value is not None and not all(" " <= char <= "~" for char in value):
+        raise PydanticCustomError(
+            "idempotency_key", "printable ASCII only (no control characters or non-ASCII bytes)"
+        )
+    return value
 
 
 SubmissionDep = Annotated[Submission, Depends(read_submission)]
@@ -145,8 +185,10 @@ IdempotencyKey = Annotated[
     Header(
         min_length=1,
         max_length=128,
-        description="a retried submission with the same key returns the first experiment (200)",
+        description="a retried submission with the same key returns the first experiment (200); "
+        "1-128 printable ASCII characters",
     ),
+    AfterValidator(_printable_ascii),
 ]
 
 _SUBMIT_BODY = {
@@ -214,7 +256,11 @@ def _change(
     responses={
         200: {"model": ExperimentOut, "description": "a repeated Idempotency-Key: the first experiment"},
         409: {"model": ErrorDetail, "description": "Idempotency-Key already used for another spec"},
-        413: {"model": ErrorDetail, "description": "body larger than LBGAT_MAX_SPEC_BYTES"},
+        413: {
+            "model": ErrorDetail,
+            "description": "body larger than LBGAT_MAX_SPEC_BYTES, a YAML body that expands past the "
+            "loader's node limit, or a spec larger than LBGAT_MAX_STORED_SPEC_BYTES as stored",
+        },
         415: {"model": ErrorDetail, "description": "neither JSON nor YAML"},
         422: {"model": ErrorDetail, "description": "invalid spec; `errors` name the field paths"},
         401: _ERRORS[401],
