@@ -260,6 +260,12 @@ def measure_training(
     print(f"   plain trainer: {spec.optimization.epochs} epochs ...", flush=True)
     setup, plain_cycles, plain_train = run_plain(spec, device, scratch / "plain")
 
+    if not args.ray_address:
+        # the Ray started below: token auth on a token in the scratch folder, loopback only (set
+        # before Ray is imported, which reads the loopback flag once)
+        from workers.ray_auth import ensure_token_file, local_ray_env
+
+        os.environ.update(local_ray_env(ensure_token_file(scratch / "ray")))
     import ray
 
     if s3_store is not None:

@@ -296,21 +296,19 @@ def touch_views(svc: Service) -> None:
 # ------------------------------------------------------------------------------------------ Ray
 
 
-def start_ray(verbose: bool) -> Any:
-    """A Ray head with 2 CPUs on free ports (`ray start --head`, token auth on), as `lbgat serve` starts it."""
+def start_ray(tmp: Path) -> Any:
+    """A Ray head with 2 CPUs on free ports (`ray start --head`, token auth on with a token of its own
+    in `tmp`), as `lbgat serve` starts it."""
     from service.local_ray import LocalRay
 
-    return LocalRay(num_cpus=2)
+    return LocalRay(state_dir=tmp / "ray", num_cpus=2)
 
 
-def ray_job_client(dashboard: str) -> Any:
+def ray_job_client(head: Any) -> Any:
     """Ray's own Job Submission client, with the cluster's token (what a user of Ray alone would run)."""
     from ray.job_submission import JobSubmissionClient
 
-    from service.ray_jobs import find_ray_token
-
-    token = find_ray_token()
-    return JobSubmissionClient(dashboard, headers={"Authorization": f"Bearer {token}"} if token else None)
+    return JobSubmissionClient(head.dashboard_url, headers={"Authorization": f"Bearer {head.token}"})
 
 
 def direct_ray_once(client: Any, entrypoint: str, poll_s: float) -> float:
@@ -449,17 +447,18 @@ def dispatch_part(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     entrypoint = SLEEP_ENTRYPOINT.format(seconds=args.sleep_s)
     poll = args.poll_ms / 1000
     log(args.verbose, "starting a local Ray (2 CPUs, dashboard on)")
-    head = start_ray(args.verbose)
+    head = start_ray(tmp)
     dashboard = head.dashboard_url
     try:
         env = {
             "LBGAT_RAY_ADDRESS": dashboard,
+            "LBGAT_RAY_AUTH_TOKEN": head.token,
             # the format string's {python}/{job_id} are not used: the same command as the direct side
             "LBGAT_WORKER_ENTRYPOINT": entrypoint,
         }
         direct, ours = [], []
         with service(tmp / "dispatch", scheduler=True, extra_env=env, verbose=args.verbose) as svc:
-            ray_client = ray_job_client(dashboard)
+            ray_client = ray_job_client(head)
             # one warm-up run each (Ray's first job starts its job agent's machinery)
             direct_ray_once(ray_client, entrypoint, poll)
             ours_once(svc, poll)
@@ -469,7 +468,7 @@ def dispatch_part(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 log(args.verbose, f"run {i + 1}: direct {direct[-1]:.3f} s, ours {ours[-1]:.3f} s")
             memory = None
             if not args.skip_memory:
-                memory = scheduler_memory(args, tmp, dashboard)
+                memory = scheduler_memory(args, tmp, head)
     finally:
         head.stop()
     med_direct, med_ours = statistics.median(direct), statistics.median(ours)
@@ -485,10 +484,14 @@ def dispatch_part(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     }
 
 
-def scheduler_memory(args: argparse.Namespace, tmp: Path, dashboard: str) -> dict[str, Any]:
+def scheduler_memory(args: argparse.Namespace, tmp: Path, head: Any) -> dict[str, Any]:
     """Resident memory with the scheduler on and the queue full: LBGAT_MAX_RUNNING_JOBS=0 admits
     nothing, so every round plans over all queued jobs (the steady state of a busy cluster)."""
-    env = {"LBGAT_RAY_ADDRESS": dashboard, "LBGAT_MAX_RUNNING_JOBS": "0"}
+    env = {
+        "LBGAT_RAY_ADDRESS": head.dashboard_url,
+        "LBGAT_RAY_AUTH_TOKEN": head.token,
+        "LBGAT_MAX_RUNNING_JOBS": "0",
+    }
     with service(tmp / "sched-mem", scheduler=True, extra_env=env, verbose=args.verbose) as svc:
         svc.tokens = make_users(svc, args.users)
         start, _ = rss_mb(svc.pid)

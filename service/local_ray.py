@@ -1,9 +1,12 @@
 """A local Ray head for `lbgat serve` without LBGAT_RAY_ADDRESS (a laptop, the quickstart), and for
-the tests.
+the tests and benchmarks.
 
 `ray start --head --block` in a child process, every port chosen free (two Ray instances on one
 machine otherwise fight over the dashboard agent's fixed port 52365, and the loser cannot run jobs:
-"No available agent to submit job"). SIGTERM to the child stops the whole head. The service never
+"No available agent to submit job"). The head runs with token auth, its token generated once per
+state directory (`<state_dir>/ray_auth_token`, see workers/ray_auth.py), and listens on 127.0.0.1
+only. SIGTERM to the child stops the whole head; the child also gets SIGTERM when the process that
+started it dies, however it dies, so a killed `lbgat serve` leaves no Ray behind. The service never
 joins the cluster itself; it talks to the dashboard's Job Submission API like with a remote cluster.
 """
 
@@ -19,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from workers.ray_auth import ensure_token_file, local_ray_env, read_token_file
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -31,18 +36,64 @@ def _ray_cli() -> str:
     return str(candidate) if candidate.exists() else "ray"
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies (Linux prctl PR_SET_PDEATHSIG)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+
+
+def _proc_stat(pid: int | str) -> list[str] | None:
+    try:
+        # the command name may hold spaces and parentheses: the fields after the last ")"
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def descendants(pid: int) -> list[tuple[int, str]]:
+    """(PID, start time) of every live descendant of `pid` (Linux /proc; empty elsewhere). The start
+    time tells a process from a later one that got its PID back."""
+    children: dict[int, list[tuple[int, str]]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        fields = _proc_stat(entry.name)
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append((int(entry.name), fields[19]))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child[0])
+    return found
+
+
+def kill_if_same(pid: int, start_time: str) -> None:
+    fields = _proc_stat(pid)
+    if fields is not None and fields[19] == start_time:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+
+
 class LocalRay:
-    """A Ray head on 127.0.0.1; `dashboard_url` for the Job API, `address` (GCS) for drivers."""
+    """A Ray head on 127.0.0.1 with token auth; `dashboard_url` for the Job API, `address` (GCS) for
+    drivers, `token` for both (drivers in `env`: `LocalRay.env` is what a driver process needs)."""
 
     def __init__(
         self,
         *,
+        state_dir: str | Path,
         num_cpus: int | None = None,
         num_gpus: int | None = None,
         env: dict[str, str] | None = None,
         log_path: str | Path | None = None,
         timeout_s: float = 120,
     ) -> None:
+        self.token_file = ensure_token_file(state_dir)
+        self.token = read_token_file(self.token_file)
+        #: the variables a driver of this head needs (token auth, loopback-only node address)
+        self.env = local_ray_env(self.token_file)
         gcs_port, dashboard_port = free_port(), free_port()
         cmd = [
             _ray_cli(), "start", "--head", "--block", "--disable-usage-stats",
@@ -67,10 +118,12 @@ class LocalRay:
                 # a one-node dev head has nothing to drain on SIGTERM (the default waits up to 30 s)
                 "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
                 **(env or {}),
+                **self.env,
             },
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: stop() reaches every process of the head
+            preexec_fn=_die_with_parent,
         )
         self._wait_ready(timeout_s)
 
@@ -90,11 +143,14 @@ class LocalRay:
         from service.ray_jobs import RayJobs, RayUnavailable
 
         try:
-            return RayJobs(self.dashboard_url).capacity().nodes > 0
+            return RayJobs(self.dashboard_url, token=self.token).capacity().nodes > 0
         except RayUnavailable:
             return False
 
-    def stop(self, timeout_s: float = 60) -> None:
+    def stop(self, timeout_s: float = 25) -> None:
+        """Stop every process of the head within about `timeout_s`: `ray start` stops its processes in
+        order on SIGTERM; whatever is still alive after that (a worker Ray lost track of) is killed."""
+        tree = descendants(self.process.pid)
         if self.process.poll() is None:
             # `ray start --block` stops its processes in order on SIGTERM (signalling the whole group at
             # once would take the GCS down first and make the node's drain wait for it)
@@ -106,6 +162,8 @@ class LocalRay:
                 self.process.wait()
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.process.pid, signal.SIGKILL)  # anything left of the head's process group
+        for pid, start_time in tree:  # and of its tree, where a process started a session of its own
+            kill_if_same(pid, start_time)
         # `ray start` records its address for later `ray.init()` calls on this machine; `ray stop` would
         # remove it, but that stops every Ray here. Forget it only where it still names this head.
         current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"

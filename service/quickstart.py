@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import secrets
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -111,6 +112,9 @@ def comparison_table(comparison: Comparison, labels: dict[str, str]) -> Any:
 
 def plot(comparison: Comparison, labels: dict[str, str], path: Path) -> Path | None:
     """Clean accuracy against AutoAttack accuracy: the trade-off the papers plot."""
+    from workers.settings import keep_matplotlib_out_of_home
+
+    keep_matplotlib_out_of_home()
     try:
         import matplotlib
 
@@ -150,10 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from rich.console import Console
 
-    from service.client import Client
-    from service.local_ray import LocalRay
-    from service.local_service import LocalService
     from service.settings import ServiceSettings
+    from service.shutdown import Stopped, StopSignals
     from workers.settings import StoreSettings
 
     console = Console(width=None if sys.stdout.isatty() else 140)  # a CI log is wider than 80 columns
@@ -162,13 +164,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings, store = ServiceSettings(), StoreSettings()
     specs = quickstart_specs(args.epochs)
     console.print(f"database {settings.database_url} · artifacts {store.store_url} · output {out}/")
+    with StopSignals() as signals:
+        try:
+            return _run(console, args, out, specs, settings, signals)
+        except Stopped as stop:
+            console.print(f"{signal.Signals(stop.signum).name}: stopped")
+            return 128 + stop.signum
+
+
+def _run(console, args, out: Path, specs, settings, signals) -> int:  # type: ignore[no-untyped-def]
+    """Start a local Ray and the service, run the two experiments, stop both (also on a signal)."""
+    from service.client import Client
+    from service.local_ray import LocalRay
+    from service.local_service import LocalService
+
     console.print("starting a local Ray ...")
-    ray = LocalRay(num_cpus=max(2, os.cpu_count() or 2), log_path=out / "ray.log")
+    ray = LocalRay(
+        state_dir=settings.state_dir, num_cpus=max(2, os.cpu_count() or 2), log_path=out / "ray.log"
+    )
     service = None
     try:
         token = "lbg_quickstart_" + secrets.token_urlsafe(24)  # this run's admin token; never printed
         env = {
             "LBGAT_RAY_ADDRESS": ray.dashboard_url,
+            "LBGAT_RAY_AUTH_TOKEN": ray.token,
             "LBGAT_ADMIN_TOKEN": token,
             "LBGAT_WORKER_PYTHON": sys.executable,
             "LBGAT_MAX_RUNNING_JOBS": "2",
@@ -200,6 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 0
     finally:
+        signals.begin()
         if service is not None:
             service.stop()
         ray.stop()

@@ -2,25 +2,29 @@
 
 The control plane never joins the cluster as a driver (that would cost the head a worker and the
 service hundreds of MB); it submits, polls, stops and reads logs over the dashboard's REST API, and
-reads the cluster's resources from the state API. Ray's token auth (RAY_AUTH_MODE=token,
-RAY_AUTH_TOKEN or ~/.ray/auth_token) is handled by Ray's own client.
+reads the cluster's resources from the state API. With Ray's token auth the token (given, or
+RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH; see workers/ray_auth.py) goes on every request.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+from workers.ray_auth import find_ray_token, is_auth_error, missing_token_message
 
 log = logging.getLogger("service.ray")
 
 
 class RayUnavailable(RuntimeError):
     """Ray's dashboard cannot be reached or refused the request; the message says which and why."""
+
+
+class RayAuthError(RayUnavailable):
+    """The cluster has token auth on and refused our token (or its absence): retrying cannot help."""
 
 
 @dataclass(frozen=True)
@@ -37,19 +41,6 @@ class RayJobState:
     start_time_ms: int | None
     end_time_ms: int | None
     exit_code: int | None
-
-
-def find_ray_token(explicit: str | None = None) -> str | None:
-    """The token for a Ray cluster with token auth, where Ray's own tools look for it."""
-    if explicit:
-        return explicit
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return os.environ["RAY_AUTH_TOKEN"].strip()
-    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
-    try:
-        return path.read_text().strip() or None
-    except OSError:
-        return None
 
 
 class RayJobs:
@@ -72,7 +63,7 @@ class RayJobs:
                 try:
                     self._client = JobSubmissionClient(self.address, headers=headers)
                 except Exception as exc:
-                    raise RayUnavailable(_explain(self.address, exc)) from exc
+                    raise _unavailable(_explain(self.address, exc), exc) from exc
             return self._client
 
     def _call(self, what: str, fn: Any) -> Any:
@@ -86,10 +77,10 @@ class RayJobs:
                 self._client = None  # reconnect next time (the head may have restarted)
             raise RayUnavailable(f"Ray dashboard at {self.address}: {what} failed: {exc}") from exc
         except Exception as exc:
-            if _is_connection_error(exc) or type(exc).__name__ == "AuthenticationError":
+            if _is_connection_error(exc) or is_auth_error(exc):
                 with self._lock:
                     self._client = None
-                raise RayUnavailable(f"{what}: {_explain(self.address, exc)}") from exc
+                raise _unavailable(f"{what}: {_explain(self.address, exc)}", exc) from exc
             raise
 
     # -- jobs ----------------------------------------------------------------------------------------
@@ -182,6 +173,8 @@ class RayJobs:
 
         def go(client: Any) -> Capacity:
             response = client._do_request("GET", "/api/v0/nodes?limit=10000&detail=true")
+            if response.status_code in (401, 403):
+                raise RayAuthError(missing_token_message(self.address) + " (or the token sent is wrong)")
             if response.status_code != 200:
                 raise RayUnavailable(
                     f"Ray dashboard at {self.address}: listing nodes answered {response.status_code}"
@@ -198,12 +191,13 @@ class RayJobs:
         self.capacity()
 
 
+def _unavailable(message: str, exc: BaseException) -> RayUnavailable:
+    return RayAuthError(message) if is_auth_error(exc) else RayUnavailable(message)
+
+
 def _explain(address: str, exc: BaseException) -> str:
-    if type(exc).__name__ == "AuthenticationError":
-        return (
-            f"Ray at {address} refused the request: token auth is on and no valid token was sent. Set "
-            "LBGAT_RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN) to the cluster's token (`ray get-auth-token`)"
-        )
+    if is_auth_error(exc):
+        return missing_token_message(address) + " (or the token sent is not this cluster's)"
     return f"Ray dashboard at {address} is not reachable: {exc}"
 
 

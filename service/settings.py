@@ -7,6 +7,7 @@ shared with the Ray workers; this class holds what only the service uses.
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -35,7 +36,13 @@ class ServiceSettings(BaseSettings):
     ray_auth_token: SecretStr | None = Field(
         None,
         description="token of a Ray cluster with token auth (Ray >= 2.52 turns it on by default); "
-        "unset: RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token when present",
+        "unset: RAY_AUTH_TOKEN, else the file RAY_AUTH_TOKEN_PATH (never ~/.ray/auth_token unless "
+        "RAY_AUTH_TOKEN_PATH names it). A local Ray started by `lbgat serve` uses its own token.",
+    )
+    state_dir: Path = Field(
+        Path(".lbgat"),
+        description="this installation's local state: the local Ray's token (ray_auth_token), the "
+        "bootstrap admin's credentials; the default database and artifact store live here too",
     )
     ray_dashboard_url: str | None = Field(
         None, description="dashboard address users' browsers reach (default: ray_address)"

@@ -2,18 +2,34 @@
 
 One intra-op thread: on the shared 2-core CI box, OpenMP barriers make multi-threaded CPU kernels of
 these tiny models many times slower than a single thread. Subprocesses inherit OMP_NUM_THREADS.
+
+Ray: the suite makes its own token, in a temporary folder, before anything imports Ray, and puts it
+in this process's environment (RAY_AUTH_TOKEN wins over any file, `~/.ray/auth_token` included), so
+its heads, its drivers, the service processes and Ray's own clients all use it, and nothing depends
+on what the user's home holds. The same variables keep every Ray address loopback (see
+workers/ray_auth.py). The folder goes when the session ends.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from workers.ray_auth import ensure_token_file, local_ray_env
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# Ray >= 2.52 starts clusters with token auth; a driver joining one must say so before Ray loads.
-os.environ.setdefault("RAY_AUTH_MODE", "token")
+RAY_STATE_DIR = Path(tempfile.mkdtemp(prefix="lbgat-test-ray-"))
+os.environ.update(local_ray_env(ensure_token_file(RAY_STATE_DIR)))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(RAY_STATE_DIR, ignore_errors=True)
+
 
 try:
     import torch
@@ -49,10 +65,16 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def ray_auth_token() -> str:
+    """The suite's Ray token (its heads have it; so does this process's RAY_AUTH_TOKEN)."""
+    return os.environ["RAY_AUTH_TOKEN"]
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """A real Ray head with 2 CPUs on 127.0.0.1 for the whole session (`ray start --head`, every port
-    free, token auth on as Ray 2.5x+ has it by default); this process joins it as a driver for the
-    in-process Ray Train tests. Yields the dashboard URL (the Job Submission API the service uses)."""
+    free, token auth on with the suite's token); this process joins it as a driver for the
+    in-process Ray Train tests. Yields the `LocalRay` (its GCS address, dashboard URL, token)."""
     ray = pytest.importorskip("ray")
     from service.local_ray import LocalRay
 
@@ -60,12 +82,18 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     # The dashboard stays on: Ray Train's PlacementGroupCleaner asks the state API (served by the
     # dashboard) whether a trial's controller died; without it, trials that ASHA stops leak their
     # worker placement groups and the next trials wait forever for CPUs.
-    head = LocalRay(num_cpus=2, log_path=tmp_path_factory.mktemp("ray") / "head.log")
+    head = LocalRay(state_dir=RAY_STATE_DIR, num_cpus=2, log_path=tmp_path_factory.mktemp("ray") / "head.log")
     try:
         ray.init(address=head.address, log_to_driver=False)
         try:
-            yield head.dashboard_url
+            yield head
         finally:
             ray.shutdown()
     finally:
         head.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(ray_head) -> str:
+    """The session head's dashboard URL (the Job Submission API the service uses)."""
+    return ray_head.dashboard_url

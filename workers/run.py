@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -18,6 +19,16 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from api_schemas import ExperimentSpec, SpecError, load_spec, parse_spec
+from workers.ray_auth import (
+    ENV_MODE,
+    RayTokenError,
+    ensure_token_file,
+    find_ray_token,
+    gcs_refuses,
+    is_auth_error,
+    local_ray_env,
+    missing_token_message,
+)
 from workers.settings import StoreSettings
 from workers.storage import KeyNotFound, StoreError, StoreUnavailable, experiment_prefix, open_store
 
@@ -34,7 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--experiment-id", help="id for --spec runs (default: <spec name>-<UTC time>)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
     parser.add_argument(
-        "--ray-address", help="Ray cluster to join (default: the job's cluster, or a local one)"
+        "--ray-address",
+        help="Ray cluster to join, or `auto` for the one `ray start` runs here (default: the job's "
+        "cluster, else a new local Ray with token auth, its token in .lbgat/ray_auth_token)",
     )
     return parser
 
@@ -81,10 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoreUnavailable as exc:
         return _fail(EXIT_STORE, str(exc))
 
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=args.ray_address, log_to_driver=True)
+    if not _ray_started(args.ray_address):
+        return EXIT_BAD_INPUT
     try:
         return _run(spec, experiment_id, store, settings)
     except StoreUnavailable as exc:
@@ -92,6 +103,42 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # the job's reason for the control plane / the user, then a stack in the log
         log.exception("run failed")
         return _fail(EXIT_FAILED, f"{experiment_id}: {exc}")
+
+
+def _ray_started(address: str | None) -> bool:
+    """Join the job's cluster (RAY_ADDRESS, which a Ray job has) or `address`; without either, start
+    a local Ray with token auth on a token of our state directory (`.lbgat/ray_auth_token`, or
+    LBGAT_STATE_DIR) and loopback addresses, so nothing is read from or written to the user's home.
+    A cluster that wants a token we do not have is reported in one line (what to set), not after
+    minutes of Ray retrying, nor as a traceback."""
+    loaded = sys.modules.get("ray")
+    if loaded is not None and loaded.is_initialized():
+        return True
+    joining = address or os.environ.get("RAY_ADDRESS")
+    try:
+        if not joining and os.environ.get(ENV_MODE, "").lower() != "disabled":
+            # before Ray is imported: it reads the loopback flag once, at import
+            state_dir = os.environ.get("LBGAT_STATE_DIR") or ".lbgat"
+            os.environ.update(local_ray_env(ensure_token_file(state_dir)))
+        elif joining and ":" in joining and "://" not in joining and gcs_refuses(joining, find_ray_token()):
+            return _refused(joining)
+    except RayTokenError as exc:
+        _fail(EXIT_BAD_INPUT, str(exc))
+        return False
+    import ray
+
+    try:
+        ray.init(address=address or ("auto" if joining else "local"), log_to_driver=True)
+    except Exception as exc:
+        if is_auth_error(exc):
+            return _refused(joining)
+        raise
+    return True
+
+
+def _refused(address: str | None) -> bool:
+    _fail(EXIT_BAD_INPUT, missing_token_message(address) + " (or the token given is not this cluster's)")
+    return False
 
 
 def _run(spec: ExperimentSpec, experiment_id: str, store, settings: StoreSettings) -> int:

@@ -187,3 +187,14 @@ class StoreSettings(BaseSettings):
         if self.s3_region is not None:
             env[env_name("s3_region")] = self.s3_region
         return env
+
+
+def keep_matplotlib_out_of_home() -> None:
+    """Point matplotlib's config and font cache (default ~/.config/matplotlib, ~/.cache/matplotlib)
+    at a folder of ours under the system's temporary directory, unless MPLCONFIGDIR already says
+    where: nothing the project runs writes to the user's home. Call before importing matplotlib."""
+    import os
+    import tempfile
+
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    os.environ.setdefault("MPLCONFIGDIR", str(Path(tempfile.gettempdir()) / f"lbgat-matplotlib-{uid}"))

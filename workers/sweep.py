@@ -146,6 +146,9 @@ def pareto_front(rows: list[TrialRow]) -> list[TrialRow]:
 
 def plot_pareto(rows: list[TrialRow], title: str) -> bytes:
     """PNG scatter of clean vs robust accuracy with the Pareto front drawn through."""
+    from workers.settings import keep_matplotlib_out_of_home
+
+    keep_matplotlib_out_of_home()
     import matplotlib
 
     matplotlib.use("Agg")

@@ -15,13 +15,14 @@ from service.local_service import LocalService
 
 
 @pytest.fixture
-def service_env(database_url, ray_cluster, s3_server, tmp_path) -> dict[str, str]:
+def service_env(database_url, ray_cluster, ray_auth_token, s3_server, tmp_path) -> dict[str, str]:
     store = s3_server.settings()
     admin = "lbg_admin_" + secrets.token_hex(16)
     env = {
         **store.as_env(),
         "LBGAT_DATABASE_URL": database_url,
         "LBGAT_RAY_ADDRESS": ray_cluster,
+        "LBGAT_RAY_AUTH_TOKEN": ray_auth_token,
         "LBGAT_ADMIN_TOKEN": admin,
         "LBGAT_WORKER_PYTHON": sys.executable,
         "LBGAT_POLL_INTERVAL_S": "0.2",

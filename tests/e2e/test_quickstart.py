@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 
 
 def test_quickstart_runs_lbgat_and_trades_through_the_service(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LBGAT_")}  # the embedded defaults
+    # the embedded defaults, as on a new machine: no LBGAT setting, no Ray token, an empty home
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LBGAT_", "RAY_", "XDG_"))}
+    home = tmp_path / "home"
+    home.mkdir()
     result = subprocess.run(
         [sys.executable, "-m", "service.quickstart", "--epochs", "2", "--timeout", "600"],
         cwd=tmp_path,
-        env={**env, "OMP_NUM_THREADS": "1"},
+        env={**env, "OMP_NUM_THREADS": "1", "HOME": str(home)},
         capture_output=True,
         text=True,
         timeout=900,
@@ -35,6 +39,9 @@ def test_quickstart_runs_lbgat_and_trades_through_the_service(tmp_path):
         "LBGAT vs TRADES on digits" in result.stdout
         and "stopped the service and the local Ray" in result.stdout
     )
+    # its Ray had token auth with the folder's own token; nothing went to the home folder
+    assert stat.S_IMODE((tmp_path / ".lbgat" / "ray_auth_token").stat().st_mode) == 0o600
+    assert list(home.rglob("*")) == []
     # everything landed in the embedded defaults: SQLite and the local artifact directory
     assert (tmp_path / ".lbgat" / "lbgat.db").is_file()
     assert any(
