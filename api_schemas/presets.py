@@ -16,10 +16,20 @@ from api_schemas.spec import ExperimentSpec, SpecError, apply_overrides, parse_s
 
 @dataclass(frozen=True)
 class Preset:
+    """A named spec and where it comes from.
+
+    `source` names the paper and table the preset reproduces (what `lbgat presets` lists); `code`
+    names the official repository and files whose settings it follows ("owner/repo: file, file"),
+    empty where a preset follows the paper's text only; `deviations` lists every known difference
+    from that code or paper, each one sentence with its reason (`lbgat presets --show NAME`).
+    """
+
     name: str
     description: str
     source: str
     data: dict[str, Any]
+    code: str = ""
+    deviations: tuple[str, ...] = ()
 
     def spec(self, overrides: list[str] | None = None) -> ExperimentSpec:
         data = apply_overrides(self.data, overrides) if overrides else self.data
