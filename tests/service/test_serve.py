@@ -142,6 +142,9 @@ def stop_and_check(serve: Serve, first: int, second: int | None = None) -> None:
         for proc in alive:
             proc.kill()
         raise AssertionError(f"left behind: {[(p.pid, p.name()) for p in alive]}\n{serve.output()}")
+    if first == signal.SIGKILL:  # no cleanup of its own: the head stops on its parent-death signal
+        assert serve.process.returncode == -signal.SIGKILL
+        return
     assert serve.process.returncode == 0, serve.output()
     assert "the local Ray is stopped" in serve.output()
 
@@ -183,8 +186,8 @@ def test_serve_starts_a_token_auth_loopback_ray_and_sigterm_stops_all_of_it(serv
 
 @pytest.mark.parametrize(
     "first, second",
-    [(signal.SIGINT, signal.SIGINT), (signal.SIGHUP, signal.SIGTERM)],
-    ids=["sigint-twice", "sighup-then-sigterm"],
+    [(signal.SIGINT, signal.SIGINT), (signal.SIGHUP, signal.SIGTERM), (signal.SIGKILL, None)],
+    ids=["sigint-twice", "sighup-then-sigterm", "sigkill"],
 )
 def test_serve_stops_its_ray_on_other_signals_and_a_second_signal_leaves_no_orphans(serve, first, second):
     serve.wait_ready()
