@@ -56,12 +56,16 @@ DatasetName = Literal["cifar10", "cifar100", "tiny_imagenet", "mnist", "digits",
 # control plane validates specs without importing torch.
 ModelName = Literal[
     "resnet18",
+    "resnet18_bottleneck",
+    "resnet18_bottleneck_stem2",
     "preact_resnet18",
     "wide_resnet",
     "wrn28_10",
+    "wrn28_10_stem2",
     "wrn34_10",
     "wrn34_20",
     "lbgat_teacher_resnet18",
+    "inception_resnet_v2",
     "cat_mnist_cnn",
     "tiny_cnn",
 ]

@@ -14,12 +14,16 @@ from trainer.models import count_flops, create_model, list_models, register_mode
 NUM_CLASSES = 10
 EXPECTED_MODELS = {
     "cat_mnist_cnn",
+    "inception_resnet_v2",
     "lbgat_teacher_resnet18",
     "preact_resnet18",
     "resnet18",
+    "resnet18_bottleneck",
+    "resnet18_bottleneck_stem2",
     "tiny_cnn",
     "wide_resnet",
     "wrn28_10",
+    "wrn28_10_stem2",
     "wrn34_10",
     "wrn34_20",
 }
@@ -37,8 +41,8 @@ def _single_intra_op_thread():
 
 def _input_shape(name: str) -> tuple[int, int, int]:
     """(C, H, W) each model is meant for: CIFAR 32x32x3, MNIST 28x28x1, digits 8x8x1."""
-    if name == "wrn34_20":
-        return (3, 16, 16)  # 184M params: 32x32 fwd+bwd alone takes ~9 s on a 2-core CPU
+    if name in ("wrn34_20", "inception_resnet_v2"):
+        return (3, 16, 16)  # 184M / 65M params: 32x32 fwd+bwd takes seconds on a 2-core CPU
     if name == "cat_mnist_cnn":
         return (1, 28, 28)
     if name == "tiny_cnn":
@@ -57,7 +61,7 @@ def test_registry_lists_expected_models() -> None:
     names = list_models()
     assert names == sorted(names)
     assert set(names) >= EXPECTED_MODELS
-    assert list_models("wrn*") == ["wrn28_10", "wrn34_10", "wrn34_20"]
+    assert list_models("wrn*") == ["wrn28_10", "wrn28_10_stem2", "wrn34_10", "wrn34_20"]
     assert list_models("*resnet18") == ["lbgat_teacher_resnet18", "preact_resnet18", "resnet18"]
     assert list_models("no_such_*") == []
 
@@ -227,6 +231,12 @@ def test_count_flops() -> None:
         ("wide_resnet", {"depth": 34, "widen_factor": 10}, 46_160_474),
         ("wrn34_10", {}, 46_160_474),
         ("wrn28_10", {}, 36_479_194),
+        ("wrn28_10_stem2", {}, 36_479_194),
+        # FlaAI/RAAT models/resnet.py resnet18 = ResNet(Bottleneck, [2, 2, 2, 2]): 13.96M
+        ("resnet18_bottleneck", {}, 13_958_986),
+        ("resnet18_bottleneck_stem2", {}, 13_958_986),
+        # weiaicunzai/pytorch-cifar100 models/inceptionv4.py inception_resnet_v2 (5, 10, 5 blocks)
+        ("inception_resnet_v2", {}, 65_257_662),
         ("cat_mnist_cnn", {}, 379_702),
     ],
 )
@@ -275,3 +285,81 @@ def test_tiny_cnn_has_batchnorm_width_and_is_fast() -> None:
         times.append(time.process_time() - t0)
     # Spec: well under 10 ms (about 2 ms here); the bound is loose so a slow CI box does not flake.
     assert min(times) < 0.05
+
+
+# --------------------------------------------------------------------------------------- RAAT, BGAT networks
+
+
+def _output_hw(model: nn.Module, stage: nn.Module, hw: int) -> tuple[int, int]:
+    """Spatial size of `stage`'s output for a (1, 3, hw, hw) input, by shape propagation on meta tensors."""
+    seen: list[torch.Size] = []
+    handle = stage.register_forward_hook(lambda _m, _i, o: seen.append(o.shape))
+    try:
+        out = model(torch.rand(1, 3, hw, hw, device="meta"))
+    finally:
+        handle.remove()
+    assert out.shape[0] == 1
+    return tuple(seen[0][-2:])
+
+
+def test_raat_resnet18_is_the_bottleneck_network() -> None:
+    """FlaAI/RAAT models/resnet.py: resnet18 = ResNet(Bottleneck, [2, 2, 2, 2]), 2048 features."""
+    with torch.device("meta"):
+        raat = create_model("resnet18_bottleneck", num_classes=NUM_CLASSES)
+        basic = create_model("resnet18", num_classes=NUM_CLASSES)
+    assert round(_n_params(raat) / 1e6, 2) == 13.96 and round(_n_params(basic) / 1e6, 2) == 11.17
+    assert raat.linear.in_features == 2048
+    assert [len(stage) for stage in (raat.layer1, raat.layer2, raat.layer3, raat.layer4)] == [2, 2, 2, 2]
+    block = raat.layer2[0]
+    kernels = (block.conv1.kernel_size, block.conv2.kernel_size, block.conv3.kernel_size)
+    assert kernels == ((1, 1), (3, 3), (1, 1))
+    assert block.conv2.stride == (2, 2) and block.conv3.out_channels == 4 * 128
+    # the official module names, so that the RAAT code's checkpoints load unchanged
+    keys = set(raat.state_dict())
+    for key in ("conv1.weight", "bn1.running_var", "layer1.0.conv3.weight", "layer1.0.bn3.bias",
+                "layer1.0.shortcut.0.weight", "layer1.0.shortcut.1.running_mean", "layer4.1.conv3.weight",
+                "linear.weight", "linear.bias"):  # fmt: skip
+        assert key in keys, key
+    assert "layer1.1.shortcut.0.weight" not in keys  # identity shortcut inside a stage
+    assert raat.conv1.stride == (1, 1) and _output_hw(raat, raat.layer4, 32) == (4, 4)
+
+
+@pytest.mark.parametrize(
+    ("name", "reference", "stage"),
+    [
+        ("resnet18_bottleneck_stem2", "resnet18_bottleneck", "layer4"),
+        ("wrn28_10_stem2", "wrn28_10", "block3"),
+    ],
+)
+def test_tiny_imagenet_stem_has_stride_2_at_64x64(name: str, reference: str, stage: str) -> None:
+    """FlaAI/RAAT models/classifier.py: Tiny-ImageNet (64x64) gets the stride-2 stem."""
+    with torch.device("meta"):
+        model = create_model(name, num_classes=200)
+        plain = create_model(reference, num_classes=200)
+    assert model.conv1.stride == (2, 2) and plain.conv1.stride == (1, 1)
+    assert _n_params(model) == _n_params(plain)
+    final = (4, 4) if stage == "layer4" else (8, 8)
+    assert _output_hw(model, getattr(model, stage), 64) == final  # as the stride-1 stem at 32x32
+    assert _output_hw(plain, getattr(plain, stage), 64) == (2 * final[0], 2 * final[1])
+    assert _output_hw(model, getattr(model, stage), 32) == (final[0] // 2, final[1] // 2)
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 64, 64, device="meta"))
+    assert out.shape == (2, 200)
+
+
+def test_inception_resnet_v2_on_32x32() -> None:
+    """The CIFAR Inception-ResNet-v2: 30x30x384 after the stem, 6x6x2048 before pooling, logits."""
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        meta = create_model("inception_resnet_v2", num_classes=100)
+    assert _output_hw(meta, meta.stem, 32) == (30, 30)
+    assert _output_hw(meta, meta.reduction_a, 32) == (14, 14)
+    assert _output_hw(meta, meta.blocks_c, 32) == (6, 6)
+    assert (len(meta.blocks_a), len(meta.blocks_b), len(meta.blocks_c)) == (5, 10, 5)
+    model = create_model("inception_resnet_v2", num_classes=10).eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, 3, 32, 32))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():  # eval mode: each image's logits do not depend on the batch (dropout off)
+        torch.testing.assert_close(model(x)[:1], model(x[:1]), rtol=1e-4, atol=1e-5)

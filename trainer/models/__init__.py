@@ -1,21 +1,22 @@
-"""Model registry (timm-style) and the CIFAR/MNIST architectures of LBGAT, TRADES and CAT.
+"""Model registry (timm-style) and the CIFAR/MNIST architectures of LBGAT, TRADES, CAT and RAAT.
 
 >>> from trainer.models import create_model, list_models
 >>> model = create_model("wrn34_10", num_classes=100)
->>> list_models("wrn*")
-['wrn28_10', 'wrn34_10', 'wrn34_20']
+>>> list_models("wrn34*")
+['wrn34_10', 'wrn34_20']
 
 All models take NCHW inputs in [0, 1] (no internal normalisation) and pool adaptively before the
 classifier.  Importing this package registers every architecture below.
 """
 
-from . import cat_mask, preact_resnet, resnet, small_cnn, wide_resnet
+from . import cat_mask, inception_resnet_v2, preact_resnet, resnet, small_cnn, wide_resnet
 from ._registry import count_flops, create_model, list_models, model_kind, register_model
 
 __all__ = [
     "cat_mask",
     "count_flops",
     "create_model",
+    "inception_resnet_v2",
     "list_models",
     "model_kind",
     "preact_resnet",

@@ -72,7 +72,7 @@ class NetworkBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-    """WRN-depth-k for CIFAR: 3x3 stem to 16 channels, three groups of ``(depth-4)/6`` wide blocks with
+    """WRN-depth-k for CIFAR: 3x3 stem (stride ``stem_stride``) to 16 channels, three groups of ``(depth-4)/6`` wide blocks with
     16k/32k/64k channels and strides 1,2,2, final bn-relu, adaptive global average pooling, linear.
     Inputs are in [0, 1]; there is no internal normalisation.  Initialised as TRADES (conv weights
     ``N(0, 2/(k*k*out_channels))``, BN weight 1 / bias 0, linear bias 0).
@@ -86,6 +86,7 @@ class WideResNet(nn.Module):
         *,
         num_classes: int = 10,
         in_channels: int = 3,
+        stem_stride: int = 1,
     ) -> None:
         super().__init__()
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 10 or (depth - 4) % 6 != 0:
@@ -103,7 +104,9 @@ class WideResNet(nn.Module):
         self.depth = depth
         self.widen_factor = widen_factor
         self.nChannels = channels[3]
-        self.conv1 = nn.Conv2d(in_channels, channels[0], kernel_size=3, stride=1, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(
+            in_channels, channels[0], kernel_size=3, stride=stem_stride, padding=1, bias=False
+        )
         self.block1 = NetworkBlock(n, channels[0], channels[1], 1, drop_rate)
         self.block2 = NetworkBlock(n, channels[1], channels[2], 2, drop_rate)
         self.block3 = NetworkBlock(n, channels[2], channels[3], 2, drop_rate)
@@ -149,6 +152,15 @@ def wide_resnet(
 def wrn28_10(*, num_classes: int, in_channels: int = 3, drop_rate: float = 0.0) -> WideResNet:
     """WRN-28-10 (TRADES code): the backbone used with extra/generated data (Carmon et al., Gowal et al.)."""
     return WideResNet(28, 10, drop_rate, num_classes=num_classes, in_channels=in_channels)
+
+
+@register_model("wrn28_10_stem2")
+def wrn28_10_stem2(*, num_classes: int, in_channels: int = 3, drop_rate: float = 0.0) -> WideResNet:
+    """WRN-28-10 with a stride-2 stem conv, for Tiny-ImageNet at its native 64x64: the RAAT code's
+    ``models/classifier.py`` builds ``wide_resnet_28_10(stride=2)`` for ``tinyimagenet`` (its
+    ``models/wide_resnet.py`` is this network), so the last feature map is 8x8 as at 32x32.
+    """
+    return WideResNet(28, 10, drop_rate, num_classes=num_classes, in_channels=in_channels, stem_stride=2)
 
 
 @register_model("wrn34_10")
