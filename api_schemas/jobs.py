@@ -136,6 +136,9 @@ class ExperimentOut(_Out):
 
 class ExperimentDetail(ExperimentOut):
     spec: dict[str, Any]
+    error_log_tail: str | None = Field(
+        None, description="the end of the failed attempt's Ray job log (`error` holds its one-line cause)"
+    )
     history: list[StateChange] = Field(default_factory=list)
     trials: list[TrialOut] = Field(default_factory=list)
     metrics: list[dict[str, Any]] = Field(default_factory=list, description="metrics.jsonl rows (main trial)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 import time
 
@@ -11,6 +12,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from service.db.models import ApiToken, Team, User, utcnow
+
+log = logging.getLogger("service.auth")
 
 TOKEN_PREFIX = "lbg_"
 
@@ -103,11 +106,25 @@ def revoke_token(session: Session, user: User, token_id: int) -> bool:
     return True
 
 
-def ensure_admin(session: Session, token: str) -> User:
-    """Bootstrap: an admin user `admin` owning `token` (LBGAT_ADMIN_TOKEN), created once."""
-    user = authenticate(session, token)
-    if user is not None:
-        return user
+def ensure_admin(session: Session, token: str) -> User | None:
+    """Bootstrap: an admin user `admin` owning `token` (LBGAT_ADMIN_TOKEN), created once.
+
+    A revoked bootstrap token stays revoked: revoking is how an admin retires a leaked token, and a
+    restart must not bring it back. The service still starts (None is returned, a warning logged) and
+    the token keeps getting 401; a new LBGAT_ADMIN_TOKEN value becomes a new token of `admin`.
+    """
+    row = session.scalar(select(ApiToken).where(ApiToken.token_hash == hash_token(token)))
+    if row is not None:
+        if row.revoked_at is None:
+            return row.user
+        log.warning(
+            "LBGAT_ADMIN_TOKEN is revoked (token %d, %s..., revoked %s): it stays revoked and gets 401; "
+            "replace LBGAT_ADMIN_TOKEN with a new secret (a new admin token) or unset it",
+            row.id,
+            row.prefix,
+            row.revoked_at.isoformat(timespec="seconds"),
+        )
+        return None
     admin = session.scalar(select(User).where(User.name == "admin"))
     if admin is None:
         admin = create_user(session, name="admin", team="default", is_admin=True)

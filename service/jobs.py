@@ -287,6 +287,7 @@ def retry_experiment(session: Session, exp: Experiment, *, user: User) -> Experi
         reason=f"retried by {user.name} (resumes from the last checkpoint)",
         finished_at=None,
         error=None,
+        error_log_tail=None,
         cancel_requested=False,
         attempts=0,
     )

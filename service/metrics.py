@@ -9,6 +9,8 @@ Each app has its own CollectorRegistry (several apps in one test process never c
 * `lbgat_dispatch_seconds` - time from a job's submission (or retry) to its Ray job being submitted.
   The scheduler runs once per process, so this one histogram is process-wide: the scheduler calls
   `observe_dispatch(seconds)` and every app's registry exposes it.
+* `lbgat_scheduler_round_seconds` - how long each scheduling round took (process-wide likewise, via
+  `observe_round`): a round that grows means something it waits on (database, Ray, store) is slow.
 """
 
 from __future__ import annotations
@@ -39,6 +41,21 @@ DISPATCH_SECONDS = Histogram(
     buckets=DISPATCH_BUCKETS,
     registry=None,  # registered in each app's registry by ServiceMetrics
 )
+
+
+ROUND_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+ROUND_SECONDS = Histogram(
+    "lbgat_scheduler_round_seconds",
+    "Duration of one scheduling round (dispatch, reconcile with Ray, read metrics and results)",
+    buckets=ROUND_BUCKETS,
+    registry=None,  # registered in each app's registry by ServiceMetrics
+)
+
+
+def observe_round(seconds: float) -> None:
+    """Record one scheduling round's duration (the scheduler calls this after every round)."""
+    ROUND_SECONDS.observe(max(0.0, float(seconds)))
 
 
 def observe_dispatch(seconds: float) -> None:
@@ -96,6 +113,7 @@ class ServiceMetrics:
             registry=self.registry,
         )
         self.registry.register(DISPATCH_SECONDS)
+        self.registry.register(ROUND_SECONDS)
         self._queue: _QueueCollector | None = None
 
     def bind_database(self, sessions: sessionmaker[Session]) -> None:

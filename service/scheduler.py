@@ -22,14 +22,28 @@ PostgreSQL several replicas may run it: a round takes a transaction-scoped advis
 rows with FOR UPDATE SKIP LOCKED, and every state change is a conditional UPDATE, so no job is
 dispatched twice. Ray submissions use a fixed id per attempt (`<experiment>-a<attempt>`), so a
 submission repeated after a crash is recognised, not duplicated.
+
+Artifact store outages hold the queue instead of spinning it (see service.store_health): while the
+store does not answer, nothing is claimed (waiting jobs show "artifact store unreachable" and gain no
+state events), running jobs keep running, finished Ray jobs wait to be finalised until their metrics
+and results can be read, and the round's own store requests are one short attempt each, skipped
+while the breaker is open, so a round never waits out the store client's retries. A store that stays
+unreachable for longer than `store_outage_fail_s` fails the running jobs with a one-line reason.
+
+Failed attempts: `error` is one clean line (the worker's `error: ...` line, else Ray's reason and the
+last log line) and `error_log_tail` the end of the job's log. A Ray job that exits with the worker's
+bad-input code (2: an invalid spec or arguments, no stored spec) fails at once: the same input
+would fail the same way on every retry.
 """
 
 from __future__ import annotations
 
 import heapq
 import logging
+import re
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -42,10 +56,14 @@ from service import ingest
 from service.db.engine import run_tx
 from service.db.models import Experiment, User, utcnow
 from service.jobs import ACTIVE_STATES, WAITING_STATES, transition, usage_gpu_hours
-from service.ray_jobs import Capacity, RayJobs, RayUnavailable
+from service.metrics import observe_round
+from service.ray_jobs import Capacity, RayJobs, RayJobState, RayUnavailable
 from service.settings import ServiceSettings
+from service.store_health import StoreMonitor
+from service.text import clean_lines, one_line, strip_ansi, tail
+from workers.run import EXIT_BAD_INPUT
 from workers.settings import StoreSettings, env_name
-from workers.storage import ArtifactStore, StoreError, experiment_prefix
+from workers.storage import ArtifactStore, StoreError, StoreUnavailable, experiment_prefix
 
 log = logging.getLogger("service.scheduler")
 
@@ -110,7 +128,10 @@ def plan(
     team_usage: dict[int, float],
     quantum_h: float,
     capacity_error: str | None = None,
+    store_error: str | None = None,
 ) -> Plan:
+    """Who is dispatched now, and every waiting job's position and reason (see the module docstring).
+    `store_error` (the artifact store does not answer) holds every job, as Ray being unreachable does."""
     active = list(active)
     queues: dict[int, list[Candidate]] = {}
     for job in sorted(candidates, key=lambda j: (-j.priority, j.created_at, j.id)):
@@ -170,7 +191,9 @@ def plan(
         gpus = effective_gpus(job, capacity)
         reason: str | None = None
         waits_in_line = False  # blocked only by what frees up as jobs finish (slots, capacity)
-        if capacity is None:
+        if store_error is not None:
+            reason = f"artifact store unreachable ({store_error}); dispatching resumes when it answers"
+        elif capacity is None:
             reason = f"Ray is not reachable ({capacity_error or 'no cluster configured'}); waiting for it"
         elif gpus > capacity.gpus:
             reason = f"asks for {gpus:g} GPUs; the cluster has {capacity.gpus:g} (waits for nodes to join)"
@@ -224,6 +247,54 @@ def plan(
 RAY_ACTIVE = {"PENDING", "RUNNING"}
 
 
+# A failed attempt's `error` and `error_log_tail` (see the module docstring).
+MAX_ERROR_CHARS = 500
+LOG_TAIL_LINES = 40
+LOG_TAIL_CHARS = 8000
+_EXIT_CODE = re.compile(r"exit code (-?\d+)")
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a Ray job failed: `error` in one clean line, the log's end, the entrypoint's exit code."""
+
+    error: str
+    log_tail: str | None
+    exit_code: int | None
+
+    @property
+    def bad_input(self) -> bool:
+        """The worker refused its input (workers.run's exit code 2): a retry would fail the same way."""
+        return self.exit_code == EXIT_BAD_INPUT
+
+
+def describe_failure(submission_id: str, message: str | None, logs: str, exit_code: int | None) -> Failure:
+    """Ray's reason and the job's log -> a Failure.
+
+    The error is the last `error: ...` line the worker printed (workers.run ends every failure with
+    one), else Ray's own reason with the log's last line. Ray's `message` carries the log's last
+    20,000 characters with their colour codes; those go to the tail only, cleaned and bounded.
+    """
+    message = message or ""
+    lines = clean_lines(logs)
+    headline, *from_message = clean_lines(message) or ["the Ray job failed"]
+    if not lines:  # no log from the Job API: Ray's message quotes its end
+        lines = from_message
+    if exit_code is None:
+        found = _EXIT_CODE.search(strip_ansi(message))
+        exit_code = int(found.group(1)) if found else None
+    errors = [line for line in lines if line.startswith("error:")]
+    if errors:
+        error = errors[-1]
+    else:
+        reason = headline.split(", last available logs")[0].rstrip(":")
+        error = f"Ray job {submission_id}: {reason}" + (
+            f"; last log line: {lines[-1].strip()}" if lines else ""
+        )
+    log_tail = tail(lines, max_lines=LOG_TAIL_LINES, max_chars=LOG_TAIL_CHARS) or None
+    return Failure(one_line(error, MAX_ERROR_CHARS), log_tail, exit_code)
+
+
 class Scheduler:
     def __init__(
         self,
@@ -250,6 +321,14 @@ class Scheduler:
         self._capacity_error: str | None = None
         self._metrics_at: dict[str, float] = {}
         self.rounds = 0
+        # The store's circuit breaker; its view of the store (one short attempt per request) is what
+        # the rounds use, so that no round waits out the store client's retries.
+        self.store_monitor = StoreMonitor(
+            store, interval_s=settings.store_probe_interval_s, timeout_s=settings.store_probe_timeout_s
+        )
+        self._store = self.store_monitor.store
+        # (monotonic time the round ended, its duration in seconds) of the latest rounds
+        self.round_times: deque[tuple[float, float]] = deque(maxlen=1024)
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -257,6 +336,7 @@ class Scheduler:
         if self._thread is not None:
             return
         self._stop.clear()
+        self.store_monitor.start()
         self._thread = threading.Thread(target=self._loop, name="lbgat-scheduler", daemon=True)
         self._thread.start()
 
@@ -266,6 +346,7 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
+        self.store_monitor.stop()
 
     def wake(self) -> None:
         self._wake.set()
@@ -297,11 +378,19 @@ class Scheduler:
 
     def run_round(self) -> None:
         """Dispatch first (a woken round is usually a new submission waiting for a free slot), then
-        reconcile with Ray, and dispatch again if reconciling freed slots."""
+        reconcile with Ray, and dispatch again if reconciling freed slots. Timed (`round_times`,
+        `lbgat_scheduler_round_seconds`)."""
+        started = time.monotonic()
         self.rounds += 1
-        self.schedule()
-        if self.reconcile():
+        try:
+            self.store_monitor.poll()  # inline only where no probe thread runs (start() was not called)
             self.schedule()
+            if self.reconcile():
+                self.schedule()
+        finally:
+            ended = time.monotonic()
+            self.round_times.append((ended, ended - started))
+            observe_round(ended - started)
 
     def capacity(self, max_age_s: float = 5.0) -> Capacity | None:
         if self.ray is None:
@@ -374,6 +463,7 @@ class Scheduler:
             team_usage=team_usage,
             quantum_h=self.settings.fair_share_quantum_h,
             capacity_error=self._capacity_error,
+            store_error=None if self.store_monitor.available else self.store_monitor.error,
         )
 
     def queue_view(self, ids: Iterable[str] = (), max_age_s: float = 2.0) -> dict[str, tuple[int, str]]:
@@ -440,7 +530,8 @@ class Scheduler:
         return env
 
     def submit(self, exp_id: str) -> None:
-        """Write the spec where the worker reads it, then submit the attempt's Ray job."""
+        """Write the spec where the worker reads it, then submit the attempt's Ray job. A store that
+        does not answer gives the job back to the queue (once: the breaker then holds dispatching)."""
         with self.sessions() as session:
             exp = session.get(Experiment, exp_id)
             if exp is None or exp.state != JobState.dispatching.value:
@@ -450,7 +541,13 @@ class Scheduler:
         try:
             if self.ray is None:
                 raise RayUnavailable("no Ray address configured (LBGAT_RAY_ADDRESS)")
-            self.store.put_json(experiment_prefix(exp_id) + "spec.json", spec)
+            if not self.store_monitor.available:
+                raise StoreError(f"artifact store unreachable ({self.store_monitor.error})")
+            try:
+                self._store.put_json(experiment_prefix(exp_id) + "spec.json", spec)
+            except StoreUnavailable as exc:
+                self.store_monitor.record_failure(exc)
+                raise
             self.ray.submit(
                 submission_id=submission_id,
                 entrypoint=entrypoint,
@@ -519,6 +616,11 @@ class Scheduler:
         if cancel and ray_state is not None and ray_state.status in RAY_ACTIVE:
             self.ray.stop(submission_id)
             return  # the next round sees STOPPED
+        store_up = self.store_monitor.available
+        still_running = ray_state is None or ray_state.status in RAY_ACTIVE
+        if not store_up and still_running and self._outage_too_long():
+            self._fail_for_outage(exp_id, submission_id, ray_state)
+            return
         if ray_state is None:
             if cancel:
                 self._finish(exp_id, JobState.cancelled, "cancelled before Ray started it")
@@ -536,9 +638,11 @@ class Scheduler:
         if status == "RUNNING":
             if state is JobState.dispatching:
                 self._started(exp_id)
-            self._ingest_metrics(exp_id)
+            if store_up:
+                self._ingest_metrics(exp_id)
             return
-        self._ingest_metrics(exp_id, force=True)
+        if not store_up or not self._ingest_metrics(exp_id, force=True):
+            return  # finished: finalised once the store answers and its metrics and results are read
         if status == "SUCCEEDED":
             self._succeeded(exp_id)
         elif status == "STOPPED":
@@ -548,26 +652,48 @@ class Scheduler:
                 else f"Ray job {submission_id} was stopped outside the service"
             )
             self._finish(exp_id, JobState.cancelled, reason)
-        else:  # FAILED
-            message = ray_state.message or "the Ray job failed"
-            if cancel:
-                self._finish(exp_id, JobState.cancelled, "cancelled")
-            else:
-                self._attempt_failed(exp_id, self._failure_reason(submission_id, message))
-
-    def _failure_reason(self, submission_id: str, message: str) -> str:
-        try:
-            tail = (
-                [line for line in self.ray.logs(submission_id).splitlines() if line.strip()][-15:]
-                if self.ray
-                else []
+        elif cancel:  # FAILED
+            self._finish(exp_id, JobState.cancelled, "cancelled")
+        else:
+            failure = self._failure(submission_id, ray_state)
+            self._attempt_failed(
+                exp_id, failure.error, log_tail=failure.log_tail, retry=not failure.bad_input
             )
+
+    def _failure(self, submission_id: str, ray_state: RayJobState) -> Failure:
+        try:
+            logs = self.ray.logs(submission_id) if self.ray else ""
         except RayUnavailable:
-            tail = []
-        errors = [line for line in tail if line.startswith("error:")]
-        detail = errors[-1] if errors else ("\n".join(tail[-5:]) if tail else "")
-        text_ = f"{message.strip()}\n{detail}".strip()
-        return text_[-4000:]
+            logs = ""
+        return describe_failure(submission_id, ray_state.message, logs[-200_000:], ray_state.exit_code)
+
+    def _outage_too_long(self) -> bool:
+        return self.store_monitor.outage_s() > self.settings.store_outage_fail_s
+
+    def _fail_for_outage(self, exp_id: str, submission_id: str, ray_state: RayJobState | None) -> None:
+        """The store stayed down past `store_outage_fail_s`: stop the run (it can save neither
+        checkpoints nor results) and fail the job with a reason that says so in one line."""
+        outage, limit = self.store_monitor.outage_s(), self.settings.store_outage_fail_s
+        error = one_line(
+            f"artifact store {self.store.url} unreachable for {outage:.0f} s (more than "
+            f"{env_name('store_outage_fail_s')}={limit:g}): the run could not save checkpoints or results "
+            f"and was stopped; `lbgat retry` resumes it from its last checkpoint "
+            f"(last error: {self.store_monitor.error})",
+            MAX_ERROR_CHARS,
+        )
+        if ray_state is not None and ray_state.status in RAY_ACTIVE and self.ray is not None:
+            try:
+                self.ray.stop(submission_id)
+            except RayUnavailable as exc:
+                log.warning("%s: could not stop Ray job %s: %s", exp_id, submission_id, exc)
+        log.warning("%s: %s", exp_id, error)
+        self._finish(
+            exp_id,
+            JobState.failed,
+            "artifact store unreachable for too long",
+            error=error,
+            error_log_tail=None,
+        )
 
     def _started(self, exp_id: str) -> None:
         def go(session: Session) -> float | None:
@@ -593,39 +719,45 @@ class Scheduler:
 
         run_tx(self.sessions, go)
 
-    def _attempt_failed(self, exp_id: str, reason: str) -> None:
+    def _attempt_failed(
+        self, exp_id: str, error: str, *, log_tail: str | None = None, retry: bool = True
+    ) -> None:
+        """Retry from the last checkpoint while attempts remain (and `retry`), else fail the job."""
+
         def go(session: Session) -> None:
             exp = session.get(Experiment, exp_id)
             if exp is None or exp.state not in ACTIVE_STATES:
                 return
-            if exp.attempts < exp.max_attempts:
-                transition(
-                    session,
-                    exp,
-                    JobState.retrying,
-                    reason=f"attempt {exp.attempts} failed; retrying from the last checkpoint: {reason}",
-                    error=reason,
-                )
+            if retry and exp.attempts < exp.max_attempts:
+                new = JobState.retrying
+                reason = f"attempt {exp.attempts} failed; retrying from the last checkpoint: {error}"
+            elif retry:
+                new, reason = JobState.failed, f"attempt {exp.attempts} of {exp.max_attempts} failed"
             else:
-                transition(
-                    session,
-                    exp,
-                    JobState.failed,
-                    reason=f"attempt {exp.attempts} of {exp.max_attempts} failed",
-                    error=reason,
+                new = JobState.failed
+                reason = (
+                    f"attempt {exp.attempts} failed on bad input (exit code {EXIT_BAD_INPUT}); not retried, "
+                    "the same input would fail again"
                 )
+            transition(session, exp, new, reason=reason, error=error, error_log_tail=log_tail)
 
         run_tx(self.sessions, go)
 
     def _succeeded(self, exp_id: str) -> None:
+        """Read the results, then mark the job succeeded; a store that stops answering meanwhile
+        leaves the job as it is, to be finalised in a later round (its results are not lost)."""
         with self.sessions() as session:
             exp = session.get(Experiment, exp_id)
             if exp is None:
                 return
             is_sweep = exp.is_sweep
         try:
-            results = ingest.read_results(self.store, exp_id, is_sweep=is_sweep)
-        except StoreError as exc:
+            results = ingest.read_results(self._store, exp_id, is_sweep=is_sweep)
+        except StoreUnavailable as exc:
+            self.store_monitor.record_failure(exc)
+            log.warning("%s succeeded; its results will be read when the store answers: %s", exp_id, exc)
+            return
+        except StoreError as exc:  # no summary written, or a refusal that retrying cannot fix
             log.warning("%s succeeded but its results cannot be read: %s", exp_id, exc)
             results = None
 
@@ -642,16 +774,31 @@ class Scheduler:
                     "robust_accuracy": results.row.get("robust_accuracy"),
                     "autoattack_accuracy": results.row.get("autoattack_accuracy"),
                 }
-            transition(session, exp, JobState.succeeded, reason="Ray job succeeded", error=None, **fields)
+            transition(
+                session,
+                exp,
+                JobState.succeeded,
+                reason="Ray job succeeded",
+                error=None,
+                error_log_tail=None,
+                **fields,
+            )
 
         run_tx(self.sessions, go)
 
-    def _ingest_metrics(self, exp_id: str, *, force: bool = False) -> None:
+    def _ingest_metrics(self, exp_id: str, *, force: bool = False) -> bool:
+        """Bring in new metrics.jsonl lines (every `metrics_interval_s`, or now if `force`); False when
+        the store did not answer (the breaker is then open)."""
         now = time.monotonic()
         if not force and now - self._metrics_at.get(exp_id, 0.0) < self.settings.metrics_interval_s:
-            return
+            return True
         self._metrics_at[exp_id] = now
         try:
-            run_tx(self.sessions, lambda session: ingest.ingest_metrics(session, self.store, exp_id))
-        except StoreError as exc:
+            run_tx(self.sessions, lambda session: ingest.ingest_metrics(session, self._store, exp_id))
+        except StoreUnavailable as exc:
+            self.store_monitor.record_failure(exc)
             log.warning("reading metrics of %s: %s", exp_id, exc)
+            return False
+        except StoreError as exc:  # retrying cannot fix it; the next interval tries again anyway
+            log.warning("reading metrics of %s: %s", exp_id, exc)
+        return True

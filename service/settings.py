@@ -84,6 +84,23 @@ class ServiceSettings(BaseSettings):
     cpu_gpu_equivalent: float = Field(
         0.125, ge=0, description="GPU-hours charged per CPU-hour for jobs that use no GPU"
     )
+    store_probe_interval_s: float = Field(
+        2.0,
+        gt=0,
+        description="how often the scheduler checks, in a thread of its own, that the artifact store answers",
+    )
+    store_probe_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        description="connect/read timeout of that check and of the scheduler's own store requests (one "
+        "attempt each): the longest an outage can hold up a scheduling round",
+    )
+    store_outage_fail_s: float = Field(
+        1800.0,
+        gt=0,
+        description="a store unreachable for longer than this fails the running jobs (their Ray jobs are "
+        "stopped: they could not save checkpoints or results); waiting jobs stay queued",
+    )
 
     # -- API -----------------------------------------------------------------------------------------
     admin_token: SecretStr | None = Field(

@@ -87,6 +87,7 @@ class S3Server:
     process: subprocess.Popen[bytes]
     log_path: Path
     command: list[str] = field(default_factory=list)
+    cwd: Path | None = None  # where `command` runs (weed reads its *.toml there)
 
     def settings(self, bucket: str | None = None, prefix: str = "", **overrides: object) -> StoreSettings:
         """StoreSettings for this server (a fresh random bucket unless one is named).
@@ -117,6 +118,25 @@ class S3Server:
         return minio.Minio(
             self.endpoint, access_key=self.access_key, secret_key=self.secret_key, secure=False
         )
+
+    def stop(self) -> None:
+        """Kill the server, as a crash would (tests of store outages); `start()` brings it back."""
+        _stop(self.process)
+
+    def start(self, timeout_s: float = STARTUP_TIMEOUT_S) -> None:
+        """Start a stopped server again: the same ports, keys and data; returns once it serves."""
+        if self.process.poll() is None:
+            return
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command,
+                cwd=self.cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        _wait_ready(self, timeout_s)
 
     def log_tail(self, n: int = 40) -> str:
         """The last `n` lines of the server's log (for error messages)."""
@@ -218,6 +238,7 @@ def seaweedfs(root: Path, *, startup_timeout_s: float = STARTUP_TIMEOUT_S) -> It
         f"-master.port={master}",
         f"-master.port.grpc={master_grpc}",
         "-master.telemetry=false",
+        "-master.electionTimeout=1s",  # one master: elect it at once (also after a restart)
         f"-volume.port={volume}",
         f"-volume.port.grpc={volume_grpc}",
         f"-volume.max={VOLUME_MAX}",
@@ -249,12 +270,13 @@ def seaweedfs(root: Path, *, startup_timeout_s: float = STARTUP_TIMEOUT_S) -> It
         process=process,
         log_path=log_path,
         command=command,
+        cwd=root,
     )
     try:
         _wait_ready(server, startup_timeout_s)
         yield server
     finally:
-        _stop(process)
+        _stop(server.process)  # the one running now: a test may have restarted it
         # weed puts its gRPC unix sockets in the temp folder, named by our (now released) ports.
         sockets = {
             "master-grpc": master_grpc,

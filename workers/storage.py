@@ -13,6 +13,9 @@ Guarantees, and why:
   completed multipart upload) makes an object appear at once. A crashed writer leaves the old version.
 * Keys are '/'-separated relative paths, checked the same way for both stores, so that a key that
   works on a laptop works on the cluster and can never escape the store root.
+* No links (LocalStore): a symbolic link below the root is never followed, so a key reads or writes
+  exactly the file its path names, and a link to /etc or to another experiment's folder is refused
+  (LinkRefused, a KeyNotFound) instead of served; listings skip links.
 * Single writer per key for `append_line`: S3 has no append, so it is read-modify-write. Two writers
   appending to the same key at once can lose a line. By design each trial's metrics.jsonl has exactly
   one writer (the rank-0 worker of that trial).
@@ -27,12 +30,15 @@ Guarantees, and why:
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import logging
 import os
 import re
+import secrets
 import shutil
+import stat
 import tempfile
 import time
 from abc import ABC, abstractmethod
@@ -54,6 +60,17 @@ T = TypeVar("T")
 _TMP_SUFFIX = ".lbgat-tmp"  # LocalStore temporaries; list() skips them, keys may not end with it
 _ID_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 
+# LocalStore walks paths one folder at a time (openat) with O_NOFOLLOW where the OS allows it, so that
+# no symbolic link below its root is ever followed, even one swapped in while it works.
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_READ = os.O_RDONLY | getattr(os, "O_BINARY", 0) | getattr(os, "O_NONBLOCK", 0)  # a FIFO must not block
+_DIR_FD = (
+    bool(_O_DIRECTORY and _O_NOFOLLOW)
+    and hasattr(os, "fwalk")
+    and {os.open, os.stat, os.mkdir, os.rename, os.unlink, os.rmdir} <= os.supports_dir_fd
+)
+
 
 class StoreError(RuntimeError):
     """A store request failed permanently (retrying would not help)."""
@@ -64,6 +81,11 @@ class KeyNotFound(StoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""
+
+
+class LinkRefused(KeyNotFound):
+    """The key's path runs through a symbolic link below a LocalStore's root, which the store does not
+    follow (see LocalStore): for readers the object is not there, and nothing is written through it."""
 
 
 class StoreUnavailable(StoreError):
@@ -206,6 +228,14 @@ class ArtifactStore(ABC):
     def check(self) -> None:
         """Cheap reachability / permission check; creates the bucket or folder. Raises StoreUnavailable."""
 
+    def with_timeout(self, timeout_s: float) -> ArtifactStore:
+        """The same store for a caller that must not wait on it (the scheduler's round, a health probe):
+        one attempt per request, `timeout_s` to connect and to read, so an outage costs it at most
+        that, not the whole retry schedule. A store without a network to wait on returns itself."""
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
+        return self
+
     @abstractmethod
     def pyarrow_filesystem(self) -> tuple[pyarrow.fs.FileSystem, str]:
         """(filesystem, base path) for Ray Train: RunConfig(storage_filesystem=fs, storage_path=f"{base}/...")."""
@@ -218,93 +248,249 @@ class ArtifactStore(ABC):
 
 
 class LocalStore(ArtifactStore):
-    """A directory on the local (or a shared) file system; the default for a laptop and the tests."""
+    """A directory on the local (or a shared) file system; the default for a laptop and the tests.
+
+    No symbolic link below the root is followed, for reading, writing, listing or deleting: keys
+    name regular files in real folders, as on S3 (which has no links), so a key means the same thing
+    on a laptop and on the cluster. A link put into the store (to /etc, or to another experiment's
+    folder) would otherwise let a key that is checked to lie under one experiment's prefix read or
+    write outside it. Where the OS has `openat` (Linux, macOS) every path is walked one folder at a
+    time with O_NOFOLLOW, so a folder swapped for a link between a check and its use is still not
+    followed; elsewhere each component is checked with lstat just before use (not race-free).
+    The root itself may be (or sit under) a link: it is resolved once, here.
+    """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()
         self.url = self.root.as_uri()
 
-    def _path(self, key: str) -> Path:
-        return self.root.joinpath(*validate_key(key).split("/"))
+    def _parts(self, key: str) -> list[str]:
+        return validate_key(key).split("/")
+
+    def _missing(self, key: str) -> KeyNotFound:
+        return KeyNotFound(f"no object {key!r} in {self.url}")
+
+    def _refused(self, key: str, parts: list[str], depth: int) -> LinkRefused:
+        link = "/".join(parts[: depth + 1])
+        return LinkRefused(
+            f"no object {key!r} in {self.url}: {link!r} is a symbolic link, and the local store follows "
+            "no links (keys name regular files, as on S3)"
+        )
+
+    # -- walking without following links ---------------------------------------------------------
+
+    def _open_dir(self, key: str, parts: list[str], *, create: bool = False) -> int:
+        """A descriptor of the folder root/parts, opened one component at a time with O_NOFOLLOW
+        (created where missing if `create`). KeyNotFound (LinkRefused for a link) if it is not there."""
+        if create:
+            self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.root, os.O_RDONLY | _O_DIRECTORY)
+        except FileNotFoundError:
+            raise self._missing(key) from None
+        try:
+            for depth, part in enumerate(parts):
+                if create:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, dir_fd=fd)
+                try:
+                    child = os.open(part, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW, dir_fd=fd)
+                except OSError as exc:
+                    if _is_link(part, fd):
+                        raise self._refused(key, parts, depth) from None
+                    if not create and exc.errno in (errno.ENOENT, errno.ENOTDIR):
+                        raise self._missing(key) from None
+                    raise
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _checked_path(self, key: str, parts: list[str], *, check: int) -> Path:
+        """Without openat: the key's path after an lstat of its first `check` components (a link
+        refuses the key; a missing component ends the check, as nothing below it exists)."""
+        path = self.root
+        for depth, part in enumerate(parts[:check]):
+            path = path / part
+            try:
+                mode = os.lstat(path).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                break
+            if stat.S_ISLNK(mode):
+                raise self._refused(key, parts, depth)
+        return self.root.joinpath(*parts)
+
+    def _open_read(self, key: str) -> io.BufferedReader:
+        """The regular file `key` names, open for reading; KeyNotFound for anything else (a folder, a
+        FIFO, a link: O_NONBLOCK keeps a FIFO from blocking the open)."""
+        parts = self._parts(key)
+        if not _DIR_FD:
+            path = self._checked_path(key, parts, check=len(parts))
+            try:
+                fd = os.open(path, _O_READ | _O_NOFOLLOW)
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR):
+                    raise self._missing(key) from None
+                raise
+        else:
+            folder = self._open_dir(key, parts[:-1])
+            try:
+                fd = os.open(parts[-1], _O_READ | _O_NOFOLLOW, dir_fd=folder)
+            except OSError as exc:
+                if _is_link(parts[-1], folder):
+                    raise self._refused(key, parts, len(parts) - 1) from None
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EISDIR):
+                    raise self._missing(key) from None
+                raise
+            finally:
+                os.close(folder)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise self._missing(key)
+        if hasattr(os, "O_NONBLOCK"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+
+    def _write(self, key: str, fill: Callable[[io.BufferedWriter], None]) -> None:
+        """Fill a temporary file in the key's folder, then rename it over the key (whole-object writes);
+        the folders on the way are created, never followed if they are links."""
+        parts = self._parts(key)
+        if not _DIR_FD:
+            _write_atomic(self._checked_path(key, parts, check=len(parts) - 1), fill)
+            return
+        folder = self._open_dir(key, parts[:-1], create=True)
+        try:
+            tmp = f".{parts[-1]}.{secrets.token_hex(8)}{_TMP_SUFFIX}"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW, 0o600, dir_fd=folder)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    fill(f)
+                os.replace(tmp, parts[-1], src_dir_fd=folder, dst_dir_fd=folder)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp, dir_fd=folder)
+                raise
+        finally:
+            os.close(folder)
+
+    def _folders(self, prefix: str) -> Iterator[tuple[str, list[str], list[str], int | None]]:
+        """(folder relative to the root, sub-folder names, file names, folder descriptor or None) for
+        the deepest folder `prefix` names and everything below it, children before parents; links
+        are listed by name (to be skipped or unlinked) but never entered."""
+        folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        parts = folder.split("/") if folder else []
+        if not _DIR_FD:
+            try:
+                start = self._checked_path(prefix, parts, check=len(parts))
+            except KeyNotFound:
+                return
+            if not start.is_dir() or start.is_symlink():
+                return
+            for dirpath, dirnames, filenames in os.walk(start, topdown=False):
+                rel = Path(dirpath).relative_to(self.root).as_posix()
+                yield ("" if rel == "." else rel), dirnames, filenames, None
+            return
+        try:
+            top = self._open_dir(prefix, parts)
+        except KeyNotFound:  # LinkRefused included: nothing under a link is listed
+            return
+        try:
+            for dirpath, dirnames, filenames, dir_fd in os.fwalk(".", topdown=False, dir_fd=top):
+                below = dirpath[2:] if dirpath.startswith("./") else ""
+                rel = "/".join(p for p in (folder, below) if p)
+                yield rel, dirnames, filenames, dir_fd
+        finally:
+            os.close(top)
+
+    @staticmethod
+    def _lstat(rel: str, name: str, dir_fd: int | None, root: Path) -> os.stat_result | None:
+        try:
+            if dir_fd is None:
+                return os.lstat(root.joinpath(*rel.split("/"), name) if rel else root / name)
+            return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:  # deleted while we walked
+            return None
+
+    # -- the API -----------------------------------------------------------------------------------
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        _write_atomic(self._path(key), lambda f: f.write(data))
+        self._write(key, lambda f: f.write(data))
 
     def put_file(self, key: str, path: str | Path) -> None:
-        target = self._path(key)
         with open(path, "rb") as src:
-            _write_atomic(target, lambda f: shutil.copyfileobj(src, f, 1 << 20))
+            self._write(key, lambda f: shutil.copyfileobj(src, f, 1 << 20))
 
     def get_bytes(self, key: str) -> bytes:
-        path = self._path(key)
-        try:
-            return path.read_bytes()
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise KeyNotFound(f"no object {key!r} in {self.url}") from None
+        with self._open_read(key) as f:
+            return f.read()
 
     def get_file(self, key: str, path: str | Path) -> Path:
-        source, target = self._path(key), Path(path)
-        try:
-            src = open(source, "rb")  # noqa: SIM115 - closed below; opened first so a missing key leaves no temp
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise KeyNotFound(f"no object {key!r} in {self.url}") from None
-        with src:
+        target = Path(path)
+        with self._open_read(key) as src:  # opened first, so a missing key leaves no temporary
             _download_atomic(target, lambda f: shutil.copyfileobj(src, f, 1 << 20))
         return target
 
     def iter_chunks(self, key: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         _check_chunk_size(chunk_size)
-        try:
-            src = open(self._path(key), "rb")  # noqa: SIM115 - closed by the generator
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise KeyNotFound(f"no object {key!r} in {self.url}") from None
+        src = self._open_read(key)
         return _chunks(src.read, src.close, chunk_size)
 
     def exists(self, key: str) -> bool:
-        return self._path(key).is_file()
-
-    def _walk(self, prefix: str) -> Iterator[tuple[str, Path]]:
-        # Start at the deepest folder the prefix names, then filter by string prefix (S3 semantics).
-        folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
-        start = self.root.joinpath(*folder.split("/")) if folder else self.root
-        if not start.is_dir():
-            return
-        for dirpath, dirnames, filenames in os.walk(start):
-            dirnames.sort()
-            rel_dir = Path(dirpath).relative_to(self.root).as_posix()
-            for name in filenames:
-                if name.endswith(_TMP_SUFFIX):
-                    continue
-                key = name if rel_dir == "." else f"{rel_dir}/{name}"
-                if key.startswith(prefix):
-                    yield key, Path(dirpath, name)
+        try:
+            self._open_read(key).close()
+        except KeyNotFound:
+            return False
+        return True
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         validate_prefix(prefix)
         out = []
-        for key, path in self._walk(prefix):
-            with contextlib.suppress(FileNotFoundError):  # deleted while we walked
-                out.append(ObjectInfo(key, path.stat().st_size))
+        for rel, _dirnames, filenames, dir_fd in self._folders(prefix):
+            for name in filenames:
+                key = f"{rel}/{name}" if rel else name
+                if name.endswith(_TMP_SUFFIX) or not key.startswith(prefix):
+                    continue
+                info = self._lstat(rel, name, dir_fd, self.root)
+                if info is not None and stat.S_ISREG(info.st_mode):  # links and FIFOs are no objects
+                    out.append(ObjectInfo(key, info.st_size))
         return sorted(out, key=lambda o: o.key)
 
     def delete_prefix(self, prefix: str) -> int:
+        """Regular files are deleted and counted; links under the prefix are removed (never their
+        targets); folders that became empty go too, up to (not including) the root."""
         _refuse_empty(prefix, self.url)
         validate_prefix(prefix)
         count = 0
-        folders: set[Path] = set()
-        for _key, path in list(self._walk(prefix)):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
-                count += 1
-                folders.add(path.parent)
-        # Remove the folders that became empty, up to (not including) the root.
-        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
-            while folder != self.root and self.root in folder.parents:
+        emptied: set[str] = set()  # folders (relative) from which something was removed
+        for rel, dirnames, filenames, dir_fd in self._folders(prefix):
+            for name in [*filenames, *dirnames]:
+                key = f"{rel}/{name}" if rel else name
+                info = self._lstat(rel, name, dir_fd, self.root)
+                if info is None:
+                    continue
+                path = name if dir_fd is not None else str(self.root.joinpath(*key.split("/")))
                 try:
-                    folder.rmdir()
-                except OSError:  # not empty (or gone)
+                    if stat.S_ISDIR(info.st_mode):
+                        if key in emptied:  # children come first: this one may be empty now
+                            os.rmdir(path, dir_fd=dir_fd)
+                            emptied.add(rel)
+                    elif key.startswith(prefix) and not name.endswith(_TMP_SUFFIX):
+                        os.unlink(path, dir_fd=dir_fd)
+                        count += stat.S_ISREG(info.st_mode)
+                        emptied.add(rel)
+                except (FileNotFoundError, OSError):  # gone meanwhile, or a folder not yet empty
+                    continue
+        folder = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        if folder in emptied:  # the prefix's own folder and its parents, while empty
+            current = self.root.joinpath(*folder.split("/"))
+            while current != self.root and self.root in current.parents:
+                try:
+                    current.rmdir()  # never follows a link (a link is not a folder to rmdir)
+                except OSError:
                     break
-                folder = folder.parent
+                current = current.parent
         return count
 
     def check(self) -> None:
@@ -324,6 +510,13 @@ class LocalStore(ArtifactStore):
 
         self.root.mkdir(parents=True, exist_ok=True)
         return pyarrow.fs.LocalFileSystem(), str(self.root)
+
+
+def _is_link(name: str, dir_fd: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
 def _write_atomic(target: Path, fill: Callable[[io.BufferedWriter], None], suffix: str = _TMP_SUFFIX) -> None:
@@ -428,6 +621,7 @@ class S3Store(ArtifactStore):
         self.secure = settings.s3_secure
         self.region = settings.s3_region
         self.url = settings.store_url
+        self._settings = settings
         self._attempts = settings.store_retries
         self._timeout = settings.store_timeout_s
         self._backoff = settings.store_backoff_s
@@ -693,6 +887,12 @@ class S3Store(ArtifactStore):
 
         self._run(f"delete {prefix!r}", delete)
         return sum(1 for n in names if not n.endswith("/"))
+
+    def with_timeout(self, timeout_s: float) -> ArtifactStore:
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
+        # model_copy: the same validated settings (no environment is read again), one attempt
+        return S3Store(self._settings.model_copy(update={"store_retries": 1, "store_timeout_s": timeout_s}))
 
     def check(self) -> None:
         """HEAD the bucket (creating it if missing); any failure becomes StoreUnavailable."""

@@ -141,7 +141,12 @@ class Experiment(Base):
     max_attempts: Mapped[int] = mapped_column(Integer, default=2)
     ray_job_id: Mapped[str | None] = mapped_column(String(96), nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[str | None] = mapped_column(
+        Text, nullable=True, doc="why the last attempt failed: one clean line (the worker's `error:` line)"
+    )
+    error_log_tail: Mapped[str | None] = mapped_column(
+        Text, nullable=True, doc="the end of the failed attempt's Ray job log (ANSI codes removed)"
+    )
 
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

@@ -129,13 +129,19 @@ class Api:
 
 @contextmanager
 def running_api(
-    database_url: str, root: Path, *, store: ArtifactStore | None = None, **overrides: Any
+    database_url: str,
+    root: Path,
+    *,
+    store: ArtifactStore | None = None,
+    scheduler: bool = False,
+    **overrides: Any,
 ) -> Iterator[Api]:
+    """A served app; `scheduler` True runs its real dispatcher (give it `ray_address` and an entrypoint)."""
     from service.app import create_app
 
     settings = make_settings(database_url, **overrides)
     store = store if store is not None else LocalStore(root / "store")
-    app = create_app(settings, store=store, scheduler=False)
+    app = create_app(settings, store=store, scheduler=scheduler)
     with serve(app) as url:
         api = Api(url=url, app=app, store=store, settings=settings)
         try:

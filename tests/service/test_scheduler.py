@@ -96,16 +96,16 @@ def test_failed_attempt_is_retried_then_fails_with_the_reason(queue, database_ur
     rows = run_until(scheduler, sessions, lambda r: r[exp_id].state == "failed")
     exp = rows[exp_id]
     assert exp.attempts == 2 and exp.ray_job_id == f"{exp_id}-a2"
-    assert "error: loss is NaN at epoch 3" in exp.error
-    assert states(sessions, exp_id) == [
+    assert exp.error == "error: loss is NaN at epoch 3"  # the worker's error line, alone
+    assert "error: loss is NaN at epoch 3" in exp.error_log_tail
+    # each attempt may or may not be seen running before it fails, depending on the rounds' timing
+    assert [s for s in states(sessions, exp_id) if s != "running"] == [
         "queued",
         "dispatching",
-        "running",
         "retrying",
         "dispatching",
-        "running",
         "failed",
-    ] or states(sessions, exp_id) == ["queued", "dispatching", "retrying", "dispatching", "failed"]
+    ]
     # the spec the worker reads was written before the submission
     assert store.get_json(f"experiments/{exp_id}/spec.json")["name"] == "failing"
 

@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from workers import storage
 from workers.settings import StoreSettings
 from workers.storage import (
     ArtifactStore,
     KeyNotFound,
+    LinkRefused,
     LocalStore,
     ObjectInfo,
     S3Store,
@@ -242,7 +244,7 @@ def test_local_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     store.put_bytes("a/summary.json", b"old")
     assert store.url == (tmp_path / "store").resolve().as_uri()
 
-    def fail(*args: object) -> None:
+    def fail(*args: object, **kwargs: object) -> None:  # the store renames with src_dir_fd/dst_dir_fd
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", fail)
@@ -252,6 +254,69 @@ def test_local_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert store.get_bytes("a/summary.json") == b"old"
     assert [p.name for p in (tmp_path / "store" / "a").iterdir()] == ["summary.json"]  # no temporary left
     store.check()
+
+
+@pytest.fixture(params=["openat", "lstat"])
+def link_store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> LocalStore:
+    """A LocalStore walking paths with openat + O_NOFOLLOW (Linux, macOS), or with the lstat checks it
+    falls back to where the OS has no openat."""
+    if request.param == "lstat":
+        monkeypatch.setattr(storage, "_DIR_FD", False)
+    return LocalStore(tmp_path / "store")
+
+
+def test_local_store_follows_no_symbolic_links(link_store: LocalStore, tmp_path: Path) -> None:
+    """Issue 11: a link under an experiment's prefix served /etc/passwd. Links to a file and a folder
+    outside the store, to another experiment (absolute and relative), and an experiment folder that is
+    itself a link are all refused for reading, writing and listing; deleting removes only the links."""
+    store = link_store
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("SECRET")
+    store.put_bytes("experiments/a/main/metrics.jsonl", b"{}\n")
+    store.put_bytes("experiments/b/main/summary.json", b"team b")
+    experiments = store.root / "experiments"
+    (experiments / "a" / "linkfile").symlink_to(outside / "secret.txt")
+    (experiments / "a" / "linkdir").symlink_to(outside)
+    (experiments / "a" / "etc").symlink_to("/etc")
+    (experiments / "a" / "other").symlink_to(experiments / "b")
+    (experiments / "a" / "main" / "rel.json").symlink_to("../../b/main/summary.json")
+    (experiments / "c").symlink_to(experiments / "b")  # a whole experiment's folder
+    os.mkfifo(experiments / "a" / "main" / "fifo")  # not a regular file either: must not block a reader
+
+    refused = {
+        "experiments/a/linkfile": "experiments/a/linkfile",
+        "experiments/a/linkdir/secret.txt": "experiments/a/linkdir",
+        "experiments/a/etc/passwd": "experiments/a/etc",
+        "experiments/a/other/main/summary.json": "experiments/a/other",
+        "experiments/a/main/rel.json": "experiments/a/main/rel.json",
+        "experiments/c/main/summary.json": "experiments/c",
+    }
+    for key, link in refused.items():
+        for read in (store.get_bytes, store.iter_chunks, lambda k: store.get_file(k, tmp_path / "copy")):
+            with pytest.raises(LinkRefused, match=f"{link!r} is a symbolic link") as info:
+                read(key)
+            assert isinstance(info.value, KeyNotFound)  # the API answers 404
+        assert not store.exists(key)
+    with pytest.raises(KeyNotFound):
+        store.get_bytes("experiments/a/main/fifo")
+    assert not (tmp_path / "copy").exists()
+
+    for key in ["experiments/a/linkdir/new.txt", "experiments/c/main/new.txt"]:
+        with pytest.raises(LinkRefused):
+            store.put_bytes(key, b"written through a link")
+    assert sorted(p.name for p in outside.iterdir()) == ["secret.txt"]
+
+    listed = ["experiments/a/main/metrics.jsonl", "experiments/b/main/summary.json"]
+    assert [o.key for o in store.list("experiments/")] == listed
+    assert [o.key for o in store.list("experiments/a/")] == listed[:1]
+    assert store.list("experiments/c/") == [] and store.list("experiments/a/other/") == []
+
+    assert store.delete_prefix("experiments/c/") == 0  # the link's target is another experiment
+    assert store.delete_prefix("experiments/a/") == 1  # its one object; its links go, their targets stay
+    assert not (experiments / "a").exists()
+    assert (outside / "secret.txt").read_text() == "SECRET"
+    assert store.get_bytes("experiments/b/main/summary.json") == b"team b"
 
 
 # -- S3 only ---------------------------------------------------------------------------------------
@@ -498,3 +563,18 @@ def test_storage_does_not_import_torch_or_ray() -> None:
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_with_timeout_is_one_short_attempt(dead_s3_settings: StoreSettings, tmp_path: Path) -> None:
+    """The scheduler's view of the store: an outage costs it one short attempt, not the retry schedule."""
+    patient = S3Store(dead_s3_settings.model_copy(update={"store_retries": 5, "store_backoff_s": 1.0}))
+    quick = patient.with_timeout(0.5)
+    started = time.monotonic()
+    with pytest.raises(StoreUnavailable, match=r"failed 1 time\(s\)"):
+        quick.check()
+    assert time.monotonic() - started < 1.0  # the patient store would sleep 1+2+4+8 s between attempts
+    assert (patient._attempts, quick._attempts, quick._timeout) == (5, 1, 0.5)
+    local = LocalStore(tmp_path / "store")
+    assert local.with_timeout(0.5) is local
+    with pytest.raises(ValueError, match="timeout_s"):
+        local.with_timeout(0)

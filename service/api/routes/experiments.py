@@ -361,6 +361,7 @@ def read_experiment(
     return ExperimentDetail(
         **out.model_dump(),
         spec=exp.spec,
+        error_log_tail=exp.error_log_tail,
         history=jobs.history(session, exp.id),
         trials=[TrialOut.model_validate(t) for t in jobs.trials(session, exp.id)],
         metrics=jobs.metric_rows(session, exp.id, "main"),
