@@ -94,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoreUnavailable as exc:
         return _fail(EXIT_STORE, str(exc))
 
+    problem = _missing_data(spec)
+    if problem is not None:
+        return _fail(EXIT_BAD_INPUT, problem)
     if not _ray_started(args.ray_address):
         return EXIT_BAD_INPUT
     try:
@@ -102,7 +105,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(EXIT_STORE, str(exc))
     except Exception as exc:  # the job's reason for the control plane / the user, then a stack in the log
         log.exception("run failed")
+        missing = _dataset_not_found(exc)
+        if missing is not None:  # the same input fails the same way: no point in another attempt
+            return _fail(EXIT_BAD_INPUT, f"{experiment_id}: {missing}")
         return _fail(EXIT_FAILED, f"{experiment_id}: {exc}")
+
+
+#: datasets read from files under dataset.root (digits and synthetic are made in code)
+_FILE_DATASETS = {"cifar10", "cifar100", "tiny_imagenet", "mnist"}
+
+
+def _missing_data(spec: ExperimentSpec) -> str | None:
+    """A dataset root that does not exist, found before any Ray or GPU time is spent: an input
+    error (exit 2), which the control plane does not retry."""
+    from pathlib import Path
+
+    name = spec.dataset.name.replace("-", "_").lower()
+    root = Path(spec.dataset.root)
+    if name in _FILE_DATASETS and not spec.dataset.download and not root.is_dir():
+        return (
+            f"dataset.root {str(root)!r} does not exist (resolved against {Path.cwd()}); put the "
+            f"{spec.dataset.name} files there or set dataset.root to where they are"
+        )
+    return None
+
+
+def _dataset_not_found(exc: BaseException) -> str | None:
+    """The reader's message when the run failed because the dataset's files are not there (Ray Train
+    hands a worker's exception back wrapped, sometimes only as text)."""
+    seen: BaseException | None = exc
+    for _ in range(10):
+        if seen is None:
+            break
+        if type(seen).__name__ == "DatasetNotFoundError":
+            return str(seen).splitlines()[0] if str(seen) else "dataset not found"
+        seen = seen.__cause__ or seen.__context__
+    for line in str(exc).splitlines():
+        if "DatasetNotFoundError: " in line:
+            return line.split("DatasetNotFoundError: ", 1)[1].strip()
+    return None
 
 
 def _ray_started(address: str | None) -> bool:
