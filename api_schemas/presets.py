@@ -458,3 +458,74 @@ def _raat_presets() -> dict[str, Preset]:
 
 
 PRESETS.update(_raat_presets())
+
+
+# --------------------------------------------------------------------------- BGAT's teacher ensemble
+#
+# LBGAT paper, Tables 1 and 2: "For BGAT, we use the ensemble of WideResNet and InceptionResNetV2
+# model as M_natural". The teachers are natural models trained first, `natural-<dataset>` (the
+# natural preset: WRN-34-10) and `natural-irv2-<dataset>` (Inception-ResNet-v2 for 32x32 inputs);
+# `bgat-ensemble*-<dataset>` averages their logits (trainer.methods.bgat.LogitEnsemble), alone
+# (Table 1) or with ALP (alpha 1) or TRADES (alpha 6) as in Table 2.
+
+_BGAT_ENSEMBLE = {
+    # key -> (method overrides, label, table)
+    "bgat-ensemble": ({}, "BGAT", "Table 1"),
+    "bgat-ensemble-alp": ({"regularizer": "alp", "alpha": 1.0}, "BGAT+ALP (alpha=1)", "Table 2"),
+    "bgat-ensemble-trades": ({"regularizer": "trades", "alpha": 6.0}, "BGAT+TRADES (alpha=6)", "Table 2"),
+}
+_BGAT_ENSEMBLE_DEVIATIONS = (
+    "No official BGAT code; the attack, loss and schedule are the LBGAT paper's Sec. 4 settings.",
+    "The paper does not say how its natural teachers were trained nor which WideResNet and which 32x32 "
+    "adaptation of InceptionResNetV2 it used: the members are the natural preset's WRN-34-10 and "
+    "Inception-ResNet-v2 as weiaicunzai/pytorch-cifar100 adapts it, both trained with the natural "
+    "preset's settings (natural-<dataset>, natural-irv2-<dataset>; train those first).",
+)
+
+
+def _bgat_ensemble_presets() -> dict[str, Preset]:
+    presets: dict[str, Preset] = {}
+    for dataset_key in ("cifar10", "cifar100"):
+        name = f"natural-irv2-{dataset_key}"
+        data = _paper_spec("natural", dataset_key)
+        data.update(
+            name=name,
+            description=f"natural training of Inception-ResNet-v2 (32x32) on {dataset_key}: the second "
+            "member of BGAT's teacher ensemble, LBGAT paper Tables 1-2",
+            model={"robust": {"name": "inception_resnet_v2"}},
+            output={"dir": f"runs/{name}"},
+        )
+        presets[name] = Preset(
+            name,
+            data["description"],
+            "LBGAT (ICCV 2021) Tables 1-2 (BGAT's natural teacher, InceptionResNetV2)",
+            data,
+            "weiaicunzai/pytorch-cifar100: models/inceptionv4.py (the architecture)",
+            _BGAT_ENSEMBLE_DEVIATIONS[1:],
+        )
+        teachers = [
+            f"runs/natural-{dataset_key}/checkpoints/last.pt",
+            f"runs/natural-irv2-{dataset_key}/checkpoints/last.pt",
+        ]
+        for key, (overrides, label, table) in _BGAT_ENSEMBLE.items():
+            name = f"{key}-{dataset_key}"
+            data = _paper_spec("bgat", dataset_key)
+            data["method"] = {**data["method"], **overrides, "teacher_checkpoints": teachers}
+            data.update(
+                name=name,
+                description=f"{label} on {dataset_key}, the teacher the mean logits of natural WRN-34-10 and "
+                f"Inception-ResNet-v2 models; LBGAT paper {table}",
+                output={"dir": f"runs/{name}"},
+            )
+            presets[name] = Preset(
+                name,
+                data["description"],
+                f"LBGAT (ICCV 2021) {table} (BGAT, WideResNet + InceptionResNetV2 teacher ensemble)",
+                data,
+                "",
+                _BGAT_ENSEMBLE_DEVIATIONS,
+            )
+    return presets
+
+
+PRESETS.update(_bgat_ensemble_presets())

@@ -165,13 +165,29 @@ class BGATMethod(_GuidedMethod):
     """Boundary Guided AT: M_robust(x_adv) is pulled to the logits of fixed pre-trained teacher(s).
 
     With several checkpoints, the teacher is their ensemble (mean of logits), as in the paper's
-    WideResNet + InceptionResNetV2 ensemble.
+    WideResNet + InceptionResNetV2 ensemble. Our checkpoints name their own architecture, so members
+    may differ; a plain state dict is rebuilt as `teacher_models[i]` (same order), else `model.teacher`.
     """
 
     name: Literal["bgat"] = "bgat"
     teacher_checkpoints: list[Annotated[str, Field(min_length=1, max_length=MAX_PATH)]] = Field(
         min_length=1, max_length=MAX_LIST
     )
+    teacher_models: list[ModelRef] | None = Field(
+        None,
+        max_length=MAX_LIST,
+        description="the architecture of each plain-state-dict checkpoint, in the order of teacher_checkpoints "
+        "(None: model.teacher for every one)",
+    )
+
+    @model_validator(mode="after")
+    def _one_model_per_checkpoint(self) -> BGATMethod:
+        if self.teacher_models is not None and len(self.teacher_models) != len(self.teacher_checkpoints):
+            raise ValueError(
+                f"teacher_models: one architecture per teacher checkpoint ({len(self.teacher_checkpoints)}), "
+                f"got {len(self.teacher_models)}"
+            )
+        return self
 
 
 class LBGATMethod(_GuidedMethod):

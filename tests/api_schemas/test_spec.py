@@ -67,8 +67,14 @@ def _locs(data: dict[str, Any]) -> list[str]:
 
 def test_preset_names_are_the_paper_grid_plus_digits():
     lbgat = {name for name, preset in PRESETS.items() if preset.source.startswith("LBGAT")}
-    assert lbgat | {"digits"} == {*PAPER_PRESETS, "digits"}
-    assert len(lbgat) == 30
+    # BGAT's WideResNet + InceptionResNetV2 teacher ensemble and its second teacher
+    ensemble = {
+        f"{key}-{dataset}"
+        for key in ("natural-irv2", "bgat-ensemble", "bgat-ensemble-alp", "bgat-ensemble-trades")
+        for dataset in ("cifar10", "cifar100")
+    }
+    assert lbgat | {"digits"} == {*PAPER_PRESETS, *ensemble, "digits"}
+    assert len(lbgat) == 30 + 8
     assert set(CAT_PRESETS) <= set(PRESETS) and len(CAT_PRESETS) == 27
     assert [p.name for p in list_presets()] == sorted(PRESETS)
 

@@ -2,7 +2,9 @@
 
 The teacher (one checkpoint or the mean logits of an ensemble, as the paper's WideResNet +
 InceptionResNetV2) is frozen: eval mode throughout, no gradient, not in the optimizer. The attack is
-the same KL attack as LBGAT's.
+the same KL attack as LBGAT's. Ensemble members may have different architectures: each of our
+checkpoints names its own, a plain state dict is rebuilt as `method.teacher_models[i]` (else
+`model.teacher`).
 """
 
 from __future__ import annotations
@@ -37,11 +39,11 @@ class BGAT(LBGAT):
     teacher_mode_during_attack = "eval"
 
     def build_teacher(self, experiment, num_classes, in_channels):
+        paths = self.spec.teacher_checkpoints
+        refs = self.spec.teacher_models or [experiment.model.teacher] * len(paths)
         members = []
-        for path in self.spec.teacher_checkpoints:
-            member = load_model(
-                path, fallback_ref=experiment.model.teacher, num_classes=num_classes, in_channels=in_channels
-            )
+        for path, ref in zip(paths, refs, strict=True):
+            member = load_model(path, fallback_ref=ref, num_classes=num_classes, in_channels=in_channels)
             members.append(member)
         return LogitEnsemble(members)
 
