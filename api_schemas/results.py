@@ -10,6 +10,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+#: What a training run computed in: bf16 autocast, fp32 with TF32 tensor cores, or full fp32.
+Precision = Literal["bf16", "tf32", "fp32"]
+#: Where the selected checkpoint's metric was measured (api_schemas.spec.SelectionSpec.split).
+SelectionSplit = Literal["heldout", "test"]
+
 
 def nrr(clean: float, robust: float) -> float:
     """Natural-Robustness Ratio (RAAT paper): the harmonic mean 2*clean*robust/(clean+robust)."""
@@ -45,6 +50,14 @@ class EvalReport(BaseModel):
     weights: Literal["model", "averaged"] = Field(
         "model", description="which weights were evaluated: the trained model's or their moving average"
     )
+    training_precision: Precision | None = Field(
+        None, description="the precision the evaluated weights were trained in (None: not recorded)"
+    )
+    selection_split: SelectionSplit | None = Field(
+        None,
+        description="for a checkpoint chosen by a selection metric: the split that metric was measured on; "
+        "'test' means the checkpoint was picked on the very images this report scores",
+    )
 
     def attack(self, name: str) -> AttackResult:
         for result in self.attacks:
@@ -67,7 +80,12 @@ class EpochMetrics(BaseModel):
     test_clean_accuracy: float | None = None
     images_per_second: float
     seconds: float
-    val: dict[str, float] | None = None
+    val: dict[str, float] | None = Field(
+        None, description="clean/PGD accuracy on the selection split (see val_split)"
+    )
+    val_split: SelectionSplit | None = Field(
+        None, description="where `val` was measured: held-out training images or the test set"
+    )
     extra: dict[str, float] = Field(default_factory=dict)
 
 
@@ -89,3 +107,9 @@ class TrainSummary(BaseModel):
     seconds: float
     spec: dict[str, Any]
     provenance: dict[str, Any] = Field(default_factory=dict)
+    precision: Precision | None = Field(None, description="training precision (runtime.precision, resolved)")
+    selection_split: SelectionSplit | None = Field(
+        None,
+        description="where the best checkpoint's selection metric was measured; 'test' marks numbers "
+        "of a checkpoint selected on the test set (None: no metric selection)",
+    )

@@ -86,9 +86,10 @@ class _Strict(BaseModel):
 class ThreatModel(_Strict):
     """The training attack: the inner maximisation of adversarial training.
 
-    `loss` and `random_start` default to the method's own choice (LBGAT/TRADES: KL from
-    x + 0.001*N(0,1); Madry PGD-AT: CE from a uniform start), so a spec only names them to deviate,
-    e.g. the CE-attack variant of LBGAT (the paper's Eq. 1).
+    `loss`, `random_start` and `model_mode` default to the method's own choice (LBGAT/TRADES: KL
+    from x + 0.001*N(0,1), robust model in eval mode; Madry PGD-AT: CE from a uniform start, eval
+    mode; CAT: train mode), so a spec only names them to deviate, e.g. the CE-attack variant of
+    LBGAT (the paper's Eq. 1) or Rice et al.'s AT, whose code attacks in training mode.
     """
 
     norm: Norm = "linf"
@@ -98,11 +99,28 @@ class ThreatModel(_Strict):
     loss: AttackLoss | None = None
     random_start: RandomStart | None = None
     kappa: float = Field(0.0, ge=0, description="CW margin confidence; only used with loss='cw'")
+    model_mode: Literal["train", "eval"] | None = Field(
+        None,
+        description="the robust model's mode during the training attack (train: BatchNorm on batch "
+        "statistics, running averages moved by the attack, as Rice et al.'s and CAT's code); "
+        "None: the method's own",
+    )
+    start_radius: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="half-width of the l_inf uniform random start; None: eps (CAT's MNIST code: 0.1)",
+    )
+    clip: bool = Field(
+        True, description="keep x' in the [0, 1] image box (CAT's MNIST training attack does not)"
+    )
 
     @model_validator(mode="after")
     def _eps_in_box(self) -> ThreatModel:
         if self.norm == "linf" and self.eps > 1.0:
             raise ValueError("eps: an l_inf radius above 1 covers the whole [0,1] box; use e.g. 0.031")
+        if self.start_radius is not None and (self.norm != "linf" or self.random_start == "normal"):
+            raise ValueError("start_radius: sizes the l_inf uniform random start only")
         return self
 
     @model_validator(mode="after")
@@ -349,6 +367,11 @@ class ModelRef(_Strict):
     widen_factor: int | None = Field(None, ge=1, le=64)
     drop_rate: float | None = Field(None, ge=0, lt=1)
     width: int | None = Field(None, ge=1, le=4096)
+    normalize: Literal["none", "cifar10", "cifar100"] = Field(
+        "none",
+        description="standardise inputs by the dataset's per-channel mean/std inside the model, as CAT's "
+        "and Rice et al.'s code do; attacks still work on [0, 1] images",
+    )
 
     @model_validator(mode="after")
     def _options_fit_model(self) -> ModelRef:
@@ -365,7 +388,8 @@ class ModelRef(_Strict):
 
     def kwargs(self) -> dict[str, Any]:
         """Architecture options to pass to trainer.models.create_model (unset ones left out)."""
-        return self.model_dump(exclude={"name"}, exclude_none=True)
+        exclude = {"name"} if self.normalize != "none" else {"name", "normalize"}
+        return self.model_dump(exclude=exclude, exclude_none=True)
 
 
 class ModelSpec(_Strict):
@@ -386,9 +410,14 @@ class DatasetSpec(_Strict):
     )
     resize_to: int | None = Field(None, ge=8, le=1024, description="Tiny-ImageNet: LBGAT resizes to 32")
     augment: bool = Field(
-        True, description="random crop (zero padding) + horizontal flip on training batches"
+        True, description="random crop (crop_padding, padding_mode) + horizontal flip on training batches"
     )
     crop_padding: int = Field(4, ge=0, le=64)
+    padding_mode: Literal["zeros", "reflect"] = Field(
+        "zeros",
+        description="how random crops pad: zeros (torchvision RandomCrop, TRADES/LBGAT) or "
+        "reflect (np.pad mode='reflect', Rice et al.'s and CAT's code)",
+    )
     flip: bool = True
     val_size: int = Field(
         0,
@@ -615,10 +644,27 @@ class EvaluationSpec(_Strict):
 
 
 class SelectionSpec(_Strict):
-    """Best-checkpoint selection on a held-out split of the training set (dataset.val_size)."""
+    """Which checkpoint is reported as the selected ("best") one, besides the last.
+
+    By a metric on a held-out split of the training set (`split: heldout`, dataset.val_size images)
+    or on the test set (`split: test`, the protocol of RAAT's, CAT's and Rice et al.'s code: it
+    overstates the numbers, and every summary says so), or a fixed epoch's checkpoint (`epoch`, as
+    LBGAT's AutoAttack script evaluates the epoch-92 files).
+    """
 
     metric: Literal["pgd_acc", "clean_acc", "nrr", "clean_plus_pgd"] | None = Field(
         None, description="clean_plus_pgd: clean + PGD accuracy, CAT's criterion; pgd_acc: RAAT's"
+    )
+    split: Literal["heldout", "test"] = Field(
+        "heldout",
+        description="where the metric is measured: dataset.val_size held-out training images, or the "
+        "test set (dataset.test_limit applies)",
+    )
+    epoch: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_EPOCHS,
+        description="report the checkpoint after this many epochs as the selected one (no metric)",
     )
     attack: PGDAttackSpec = Field(
         default_factory=lambda: PGDAttackSpec(name="val_pgd10", step_size=None, steps=10),
@@ -643,7 +689,12 @@ class RuntimeSpec(_Strict):
     """Where and how fast; None means 'on when the device is a GPU'."""
 
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    bf16: bool | None = None
+    precision: Literal["auto", "bf16", "tf32", "fp32"] = Field(
+        "auto",
+        description="training precision. auto: bf16 autocast on GPUs, fp32 on CPUs; bf16: autocast; tf32: "
+        "fp32 tensors, TF32 tensor-core matmuls/convolutions on GPUs; fp32: full fp32 (TF32 off), as every "
+        "official code trained. Evaluation always runs without autocast.",
+    )
     channels_last: bool | None = None
     compile: bool = False
     deterministic: bool = False
@@ -654,6 +705,25 @@ class RuntimeSpec(_Strict):
         le=MAX_CPU_THREADS,
         description="torch intra-op threads on CPU; small models run fastest on 1 (None: torch's default)",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bf16_alias(cls, data: Any) -> Any:
+        # Specs written before `precision` said `bf16: true | false | null`; they still load.
+        if isinstance(data, dict) and "bf16" in data:
+            data = dict(data)
+            old = data.pop("bf16")
+            if old is not None and not isinstance(old, bool):
+                raise ValueError(
+                    "bf16: true, false or null (superseded by precision: bf16 | tf32 | fp32 | auto)"
+                )
+            new = {None: "auto", True: "bf16", False: "tf32"}[old]
+            if data.get("precision", new) != new:
+                raise ValueError(
+                    f"precision: bf16={old} (the old field) contradicts precision={data['precision']!r}"
+                )
+            data["precision"] = new
+        return data
 
 
 class OutputSpec(_Strict):
@@ -849,10 +919,36 @@ class ExperimentSpec(_Strict):
             for path in self.sweep.parameters:
                 if path.split(".")[0] in {"sweep", "version", "name", "output"}:
                     raise ValueError(f"sweep.parameters: '{path}' cannot be swept")
-        if self.selection.metric is not None and self.dataset.val_size == 0:
+        selection = self.selection
+        if selection.metric is not None and selection.split == "heldout" and self.dataset.val_size == 0:
             raise ValueError(
-                "selection.metric: best-checkpoint selection needs a held-out split (dataset.val_size > 0)"
+                "selection.metric: best-checkpoint selection needs a held-out split (dataset.val_size > 0) "
+                "or selection.split: test"
             )
+        if selection.split == "test":
+            if selection.metric is None:
+                raise ValueError(
+                    "selection.split: 'test' measures selection.metric on the test set; name a metric"
+                )
+            if self.dataset.val_size:
+                raise ValueError(
+                    "dataset.val_size: selection.split 'test' selects on the test set, so these held-out "
+                    "images would go unused; set val_size to 0 (or select on them with split: heldout)"
+                )
+        if selection.epoch is not None:
+            if selection.metric is not None:
+                raise ValueError("selection.epoch: a fixed epoch and a selection.metric exclude each other")
+            if selection.epoch > self.optimization.epochs:
+                raise ValueError(
+                    f"selection.epoch: {selection.epoch} is past the last epoch ({self.optimization.epochs})"
+                )
+        for role in ("robust", "teacher"):
+            ref = getattr(self.model, role)
+            if ref is not None and ref.normalize != "none" and self.dataset.name in ("mnist", "digits"):
+                raise ValueError(
+                    f"model.{role}.normalize: {ref.normalize}'s statistics are for 3-channel images; "
+                    f"{self.dataset.name} has one channel"
+                )
         if name in TWO_VIEW_METHODS and not self.dataset.augment:
             raise ValueError(
                 f"dataset.augment: method '{name}' compares two random augmentations of each image; "

@@ -3,7 +3,8 @@
 
 Attacks never change a model's train/eval mode and never touch parameter gradients (they take
 gradients with respect to the input only); the caller decides the modes, as each method's official
-code does. Returned examples are detached and lie inside the eps ball around x and inside [0, 1].
+code does. Returned examples are detached and lie inside the eps ball around x and inside [0, 1]
+(`clip=False` drops the box, as CAT's MNIST training attack does).
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ def _l2_norm(v: Tensor) -> Tensor:
     return v.flatten(1).norm(dim=1).view(-1, *([1] * (v.dim() - 1)))
 
 
-def project(x_adv: Tensor, x: Tensor, eps: float, norm: Norm) -> Tensor:
-    """Project onto the eps ball around x, then onto the [0, 1] box (the official codes' order)."""
+def project(x_adv: Tensor, x: Tensor, eps: float, norm: Norm, *, box: bool = True) -> Tensor:
+    """Project onto the eps ball around x, then onto the [0, 1] box (the official codes' order).
+
+    `box=False` skips the box: the eps ball only."""
     if norm == "linf":
         x_adv = torch.minimum(torch.maximum(x_adv, x - eps), x + eps)
     elif norm == "l2":
@@ -60,11 +63,17 @@ def project(x_adv: Tensor, x: Tensor, eps: float, norm: Norm) -> Tensor:
         x_adv = x + delta * factor
     else:
         raise ValueError(f"norm: unknown norm {norm!r}; use 'linf' or 'l2'")
-    return x_adv.clamp(0.0, 1.0)
+    return x_adv.clamp(0.0, 1.0) if box else x_adv
 
 
 def _start(
-    x: Tensor, eps: float, norm: Norm, random_start: RandomStart, generator: torch.Generator | None
+    x: Tensor,
+    eps: float,
+    norm: Norm,
+    random_start: RandomStart,
+    generator: torch.Generator | None,
+    radius: float | None = None,
+    box: bool = True,
 ) -> Tensor:
     if random_start == "none":
         return x.clone()
@@ -73,8 +82,12 @@ def _start(
         return x + 0.001 * torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
     if random_start == "uniform":
         if norm == "linf":
+            # U(-r, r) with r = eps (or `radius`: CAT's MNIST code starts from U(-0.1, 0.1))
             noise = torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator) * 2 - 1
-            return (x + eps * noise).clamp(0.0, 1.0)
+            start = x + (eps if radius is None else radius) * noise
+            return start.clamp(0.0, 1.0) if box else start
+        if radius is not None:
+            raise ValueError("start_radius: only the l_inf uniform start takes a radius")
         # uniform in the l_2 ball: a Gaussian direction scaled by eps * U^(1/d)
         direction = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
         direction = direction / (_l2_norm(direction) + _TINY)
@@ -102,8 +115,14 @@ def pgd(
     generator: torch.Generator | None = None,
     early_stop_tau: int | None = None,
     step_noise: float = 0.0,
+    start_radius: float | None = None,
+    clip: bool = True,
 ) -> Tensor:
     """Projected gradient ascent on `loss` within the `norm` ball of radius eps around x.
+
+    `start_radius` sets the half-width of the l_inf uniform start (default eps); `clip=False` keeps
+    the iterates in the eps ball only, not in the [0, 1] box (CAT's MNIST training attack: U(-0.1, 0.1)
+    start, no box).
 
     For loss='kl' the target distribution softmax(f(x)) is computed once (or taken from
     `logits_clean`) instead of at every step as the official code does: the model is in eval mode
@@ -130,7 +149,7 @@ def pgd(
             with torch.no_grad():
                 logits_clean = model(x)
         p_clean = F.softmax(logits_clean.detach().float(), dim=1)
-    x_adv = _start(x, eps, norm, random_start, generator)
+    x_adv = _start(x, eps, norm, random_start, generator, start_radius, clip)
     if early_stop_tau is not None:
         return _pgd_early_stopped(
             model,
@@ -147,6 +166,7 @@ def pgd(
             tau=early_stop_tau,
             step_noise=step_noise,
             generator=generator,
+            clip=clip,
         )
     for _ in range(steps):
         x_adv.requires_grad_(True)
@@ -155,8 +175,8 @@ def pgd(
             (grad,) = torch.autograd.grad(objective, [x_adv])
         with torch.no_grad():
             x_adv = _ascend(x_adv.detach(), grad, step_size, norm, step_noise, generator)
-            x_adv = project(x_adv, x, eps, norm)
-    return project(x_adv.detach(), x, eps, norm)
+            x_adv = project(x_adv, x, eps, norm, box=clip)
+    return project(x_adv.detach(), x, eps, norm, box=clip)
 
 
 def _ascend(
@@ -189,6 +209,7 @@ def _pgd_early_stopped(
     tau: int,
     step_noise: float,
     generator: torch.Generator | None,
+    clip: bool = True,
 ) -> Tensor:
     """PGD whose examples stop one by one (see `pgd`); only the still-active examples are forwarded.
 
@@ -214,8 +235,8 @@ def _pgd_early_stopped(
             keep = ~(wrong & exhausted)
             active, grad, current = active[keep], grad[keep], current.detach()[keep]
             moved = _ascend(current, grad, step_size, norm, step_noise, generator)
-            x_adv[active] = project(moved, x[active], eps, norm)
-    return project(x_adv.detach(), x, eps, norm)
+            x_adv[active] = project(moved, x[active], eps, norm, box=clip)
+    return project(x_adv.detach(), x, eps, norm, box=clip)
 
 
 def fgsm(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: Norm = "linf") -> Tensor:

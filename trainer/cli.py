@@ -139,7 +139,12 @@ def eval_command(args: argparse.Namespace) -> int:
     report = evaluate(model, test, suite, spec.threat_model, device=rt.device, progress=True)
     label = getattr(args, "label", None) or str(args.checkpoint)  # a store URL when fetched from there
     report = report.model_copy(
-        update={"checkpoint": label, "epoch": payload.get("epoch"), "weights": weights}
+        update={
+            "checkpoint": label,
+            "epoch": payload.get("epoch"),
+            "weights": weights,
+            "training_precision": payload.get("precision"),  # absent from older checkpoints
+        }
     )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,9 @@ class Runtime:
     bf16: bool
     channels_last: bool
     compile: bool
+    #: what training computes in: 'bf16' (autocast), 'tf32' (fp32 tensors, TF32 tensor cores on a
+    #: GPU) or 'fp32' (TF32 off); recorded in every summary
+    precision: str = "fp32"
 
     @classmethod
     def resolve(cls, spec: ExperimentSpec, device: str | torch.device | None = None) -> Runtime:
@@ -53,11 +56,23 @@ class Runtime:
         on_gpu = dev.type == "cuda"
         if not on_gpu and rt.cpu_threads is not None:
             torch.set_num_threads(rt.cpu_threads)
+        precision = rt.precision
+        if precision == "auto":
+            precision = "bf16" if on_gpu else "fp32"
+        elif precision == "tf32" and not on_gpu:
+            precision = "fp32"  # no TF32 on CPUs: the same arithmetic as fp32
+        if on_gpu:
+            # Process-wide flags, set for every run so that one run's choice never leaks into the
+            # next: fp32 turns TF32 off (the official codes ran in fp32 on GPUs without TF32), tf32
+            # turns it on for convolutions and matmuls, bf16 leaves PyTorch's defaults.
+            torch.backends.cudnn.allow_tf32 = precision != "fp32"
+            torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
         return cls(
             device=dev,
-            bf16=on_gpu if rt.bf16 is None else rt.bf16,
+            bf16=precision == "bf16",
             channels_last=on_gpu if rt.channels_last is None else rt.channels_last,
             compile=rt.compile,
+            precision=precision,
         )
 
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -150,6 +165,7 @@ class TrainingRun:
             shuffle=True,
             augment=ds.augment,
             crop_padding=ds.crop_padding,
+            padding_mode=ds.padding_mode,
             flip=ds.flip,
             seed=spec.seed,
             rank=rank,
@@ -301,10 +317,11 @@ class TrainingRun:
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One optimisation step; returns the (detached) loss and per-batch correct counts."""
         method = self.method
+        train_mode_attack = method.attack_loss is not None and method.attack_model_mode() == "train"
         with self.rt.autocast():
             x_adv = None
             if method.attack_loss is not None:
-                _set_mode(self.robust, method.robust_mode_during_attack)
+                _set_mode(self.robust, method.attack_model_mode())
                 _set_mode(self.teacher, method.teacher_mode_during_attack)
                 x_adv = method.generate(self.attack_fn, x, y)
             self.robust.train()
@@ -317,13 +334,21 @@ class TrainingRun:
         self.optimizer.step()
         if self.auxiliary is not None:
             self._auxiliary_step(out, y)
+        logits_clean = out.logits_nat
+        if train_mode_attack:
+            # Rice et al.'s and CAT's loops forward x once more after the update(s), in training
+            # mode, to log training accuracy; that forward moves BatchNorm's running averages, so it
+            # is part of what they trained (Method.attack_model_mode). Its accuracy is the one logged.
+            self.robust.train()
+            with torch.no_grad(), self.rt.autocast():
+                logits_clean = self.attack_fn(x)
         if self.averaged is not None:
             self._update_average()
         counts = {}
         with torch.no_grad():
             for key, logits in (
                 ("adv", out.logits_adv),
-                ("clean", out.logits_nat),
+                ("clean", logits_clean),
                 ("teacher", out.logits_teacher),
             ):
                 if logits is not None:
@@ -404,17 +429,21 @@ class TrainingRun:
             device=self.rt.device,
         )
 
+    @property
+    def selection_data(self) -> ArrayDataset | None:
+        """The images `validate` scores: the held-out split, or the test set (selection.split: test)."""
+        return self.data.test if self.spec.selection.split == "test" else self.data.val
+
     def validate(self) -> dict[str, float]:
-        """Clean and PGD accuracy on the held-out split, the numbers best-checkpoint selection uses."""
-        assert self.data.val is not None
+        """Clean and PGD accuracy on the selection split, the numbers best-checkpoint selection uses."""
+        data = self.selection_data
+        assert data is not None
         sel = self.spec.selection
         model = self.weights(self.spec.selected_weights())
-        clean = accuracy(
-            model, self.data.val, batch_size=self.spec.evaluation.batch_size, device=self.rt.device
-        )
+        clean = accuracy(model, data, batch_size=self.spec.evaluation.batch_size, device=self.rt.device)
         pgd_acc = robust_accuracy(
             model,
-            self.data.val,
+            data,
             sel.attack,
             self.spec.threat_model,
             batch_size=self.spec.evaluation.batch_size,
@@ -423,20 +452,25 @@ class TrainingRun:
         return {"clean_acc": clean, "pgd_acc": pgd_acc, "nrr": nrr(clean, pgd_acc)}
 
     def score_epoch(self, metrics: EpochMetrics) -> bool:
-        """After an epoch: test accuracy, held-out validation, best-model bookkeeping.
+        """After an epoch: test accuracy, validation on the selection split, best-model bookkeeping.
 
-        Returns True when this epoch is the new best by spec.selection.metric (the caller saves it).
+        Returns True when this epoch is the new best by spec.selection.metric, or the fixed
+        selection.epoch (the caller saves it).
         """
         spec = self.spec
         metrics.test_clean_accuracy = self.test_clean_accuracy()
         if self.averaged is not None:
             metrics.extra["test_clean_accuracy_averaged"] = self.test_clean_accuracy("averaged")
+        chosen = spec.selection.epoch is not None and self.epoch == spec.selection.epoch
+        if chosen:  # a fixed epoch's checkpoint, as LBGAT's evaluation script reports
+            self.best_epoch = self.epoch
         last = self.epoch == spec.optimization.epochs
-        if self.data.val is None or not (self.epoch % spec.selection.every_n_epochs == 0 or last):
-            return False
+        if self.selection_data is None or not (self.epoch % spec.selection.every_n_epochs == 0 or last):
+            return chosen
         metrics.val = self.validate()
+        metrics.val_split = spec.selection.split
         if spec.selection.metric is None:
-            return False
+            return chosen
         value = _selection_value(metrics.val, spec.selection.metric)
         if self.best_metric is not None and value <= self.best_metric:
             return False
@@ -464,6 +498,7 @@ class TrainingRun:
             "history": self.history,
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
+            "precision": self.rt.precision,
             "provenance": provenance(self.rt.device),
         }
 
@@ -607,6 +642,8 @@ class TrainingRun:
                 n_examples=len(self.data.test),
                 weights=weights,
             )
+        selection_split = spec.selection.split if spec.selection.metric is not None else None
+        final = final.model_copy(update={"training_precision": self.rt.precision})
         best_report = None
         has_best = self.best_epoch is not None
         if (
@@ -621,7 +658,7 @@ class TrainingRun:
             )
             best_report = self.evaluate_checkpoint(
                 best_model, checkpoint=best_label or str(best_local), epoch=self.best_epoch, weights=weights
-            )
+            ).model_copy(update={"training_precision": self.rt.precision, "selection_split": selection_split})
         return TrainSummary(
             name=spec.name,
             method=spec.method.name,
@@ -636,6 +673,8 @@ class TrainingRun:
             seconds=seconds,
             spec=spec.model_dump(mode="json"),
             provenance={**provenance(self.rt.device), **provenance_extra},
+            precision=self.rt.precision,
+            selection_split=selection_split,
         )
 
     def evaluate_checkpoint(

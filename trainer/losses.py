@@ -110,11 +110,12 @@ def cat(logits_nat: Tensor, logits_cali: Tensor, y: Tensor, beta: float) -> Tens
     writes it in the paper's own notation (App. H: "KL(P(Y|X')||P(Y|X))" for TRADES' term, whose code
     is KL(p(x) || p(x'))): KL(softmax(f(x)) || softmax(f(x_cali))), summed over classes and averaged
     over the batch, with gradients into both logits. `logits_cali` are f's logits on x + M * delta
-    with the mask M held fixed (g_phi is trained by `cat_mask`, not by this loss).
+    with the mask M held fixed (g_phi is trained by `cat_mask`, not by this loss). The weight is
+    1.0000001 - p_y(x), the official code's constant (never exactly 0).
     """
     ce = F.cross_entropy(logits_nat, y, reduction="none")
     p_true = F.softmax(logits_nat, dim=1).gather(1, y.unsqueeze(1)).squeeze(1)
-    return (ce * (1.0 - p_true)).mean() + beta * trades_kl(logits_nat, logits_cali)
+    return (ce * (1.0000001 - p_true)).mean() + beta * trades_kl(logits_nat, logits_cali)
 
 
 def cat_mask(logits_cali: Tensor, logits_adv: Tensor, y: Tensor, beta1: float) -> Tensor:

@@ -47,7 +47,9 @@ def test_raat_preset_settings(name: str):
     labels = [attack.label() for attack in spec.evaluation.attacks]
     assert labels == ["pgd10", "pgd100", "cw30", "autoattack"]
     assert spec.selection.metric == "pgd_acc" and spec.selection.attack.steps == 10
-    assert spec.dataset.val_size == 1000
+    # the paper's protocol (FlaAI/RAAT train.py): best PGD-10 checkpoint on the test set, fp32
+    assert spec.selection.split == "test" and spec.dataset.val_size == 0
+    assert spec.runtime.precision == "fp32"
 
 
 def test_raat_preset_methods_and_hyper_parameters():

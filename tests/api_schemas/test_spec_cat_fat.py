@@ -44,7 +44,9 @@ def test_cat_cifar10_preset_is_table_2():
     assert pgd20.random_start == pgd100.random_start == "none" and pgd20.step_size == 0.003
     assert (cw.loss, cw.kappa, cw.eps, cw.step_size, cw.steps) == ("cw", 50, 0.031, 0.003, 30)
     assert (square.n_queries, square.eps) == (5000, 8 / 255)
-    assert spec.selection.metric == "clean_plus_pgd" and spec.dataset.val_size == 1000
+    # Train_CIFAR10.py: best clean + PGD-10 accuracy on the test set, every epoch; no held-out images
+    assert spec.selection.metric == "clean_plus_pgd" and spec.selection.split == "test"
+    assert spec.dataset.val_size == 0
     assert spec.selection.attack.steps == 10 and spec.selection.attack.step_size is None  # = 2/255
 
 

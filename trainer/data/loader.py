@@ -42,6 +42,7 @@ class DeviceLoader:
         shuffle: bool,
         augment: bool,
         crop_padding: int = 4,
+        padding_mode: str = "zeros",
         flip: bool = True,
         drop_last: bool = False,
         seed: int = 0,
@@ -64,6 +65,7 @@ class DeviceLoader:
         self.shuffle = shuffle
         self.augment = augment
         self.crop_padding = crop_padding
+        self.padding_mode = padding_mode
         self.flip = flip
         self.drop_last = drop_last
         self.seed = seed
@@ -119,7 +121,9 @@ class DeviceLoader:
     def _view(self, raw: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
         # Augment while still uint8 (a quarter of the bytes to move), then convert like ToTensor.
         if gen is not None:
-            raw = augment_batch(raw, padding=self.crop_padding, flip=self.flip, generator=gen)
+            raw = augment_batch(
+                raw, padding=self.crop_padding, flip=self.flip, generator=gen, padding_mode=self.padding_mode
+            )
         x = raw.to(torch.float32).div_(255.0)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

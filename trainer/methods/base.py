@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+import torch
 from torch import Tensor, nn
 
 from api_schemas import ThreatModel
@@ -35,6 +36,9 @@ class AttackConfig:
     early_stop_tau: int | None = None
     #: std of Gaussian noise added to every step (FAT's omega)
     step_noise: float = 0.0
+    #: half-width of the l_inf uniform start (None: eps) and whether x' stays in [0, 1]
+    start_radius: float | None = None
+    clip: bool = True
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, *, logits_clean: Tensor | None = None) -> Tensor:
         return attacks.pgd(
@@ -51,6 +55,8 @@ class AttackConfig:
             logits_clean=logits_clean,
             early_stop_tau=self.early_stop_tau,
             step_noise=self.step_noise,
+            start_radius=self.start_radius,
+            clip=self.clip,
         )
 
 
@@ -75,7 +81,8 @@ class Method:
     attack_loss: ClassVar[str | None] = "ce"
     attack_random_start: ClassVar[str] = "uniform"
     #: modes while the attack runs (the teacher is never part of the attack; its mode still matters
-    #: for BatchNorm-free equivalence with the official code, which leaves it in training mode)
+    #: for BatchNorm-free equivalence with the official code, which leaves it in training mode);
+    #: `threat_model.model_mode` overrides the robust model's (see `attack_model_mode`)
     robust_mode_during_attack: ClassVar[Mode] = "eval"
     teacher_mode_during_attack: ClassVar[Mode] = "train"
     #: teacher weights updated by the shared optimizer (LBGAT) or frozen (BGAT)
@@ -107,7 +114,21 @@ class Method:
             loss=self.threat.loss or self.attack_loss,
             random_start=self.threat.random_start or self.attack_random_start,
             kappa=self.threat.kappa,
+            start_radius=self.threat.start_radius,
+            clip=self.threat.clip,
         )
+
+    def attack_model_mode(self) -> Mode:
+        """The robust model's mode during the training attack: the spec's, else the method's.
+
+        'train' is the attack of Rice et al.'s and CAT's code (`attack_pgd` on a model in training
+        mode): BatchNorm normalises every attack forward by its own batch statistics and every one
+        of them moves the running averages; `generate` then forwards the final x' once more, as
+        `attack_pgd` does to choose among restarts, and the loop forwards x once more after the
+        update(s), as those loops do to log training accuracy (`TrainingRun.train_step`). Those
+        two forwards change no weight, only the running averages that evaluation uses.
+        """
+        return self.threat.model_mode or self.robust_mode_during_attack
 
     def build_teacher(self, experiment: Any, num_classes: int, in_channels: int) -> nn.Module | None:
         """The teacher network for this run, or None for methods without one."""
@@ -131,7 +152,13 @@ class Method:
 
     def generate(self, robust: nn.Module, x: Tensor, y: Tensor) -> Tensor | None:
         config = self.attack_config()
-        return None if config is None else config.run(robust, x, y)
+        if config is None:
+            return None
+        x_adv = config.run(robust, x, y)
+        if self.attack_model_mode() == "train":
+            with torch.no_grad():
+                robust(x_adv)  # attack_pgd's closing forward of x' (see attack_model_mode)
+        return x_adv
 
     def compute_loss(
         self, robust: nn.Module, teacher: nn.Module | None, x: Tensor, x_adv: Tensor | None, y: Tensor
@@ -145,7 +172,7 @@ class Method:
         return {
             "method": self.name,
             "attack": None if config is None else config.__dict__,
-            "robust_mode_during_attack": self.robust_mode_during_attack,
+            "robust_mode_during_attack": self.attack_model_mode(),
             "teacher_mode_during_attack": self.teacher_mode_during_attack if self.uses_teacher else None,
         }
 

@@ -1,23 +1,27 @@
 """Calibrated Adversarial Training (Huang, Menkovski, Pei, Pechenizkiy): CAT-cent and CAT-cw.
 
-Algorithm 1, per mini-batch:
-1. x' = x + delta by PGD on CE ('cent') or CW_inf with confidence kappa ('cw'), from a uniform start
-   in the eps ball (Sec. 5.1.1: random start in training), the robust model f in eval mode as in
-   the other methods here.
-2. The soft mask M = g_phi(x, delta) in (0, 1) and the calibrated example x_cali = x + M * delta
-   (Eq. 10-11). Since 0 < M < 1 elementwise, x_cali lies between x and x' in every pixel: inside
-   the eps ball (l_inf and l_2) and the [0, 1] box whenever x' is.
-3. theta is updated by Eq. 13, CE(f(x), y) * (1 - p_y(x)) + beta * KL(f(x) || f(x_cali)), with M
-   held fixed (`losses.cat`); the shared loop steps f's optimizer.
+Follows the official code, TienjinHuang/Calibrated-adversarial-training (`Codes/Train_CIFAR10.py`,
+`Train_CIFAR100.py`, `Train_MNIST.py`, `resnet.py`); Algorithm 1, per mini-batch:
+1. x' = x + delta by PGD on CE ('cent') or CW_inf with confidence kappa ('cw') from a uniform start
+   in the eps ball, the robust model f in **training** mode (`attack_pgd` runs on the model as the
+   loop left it: BatchNorm on batch statistics, running averages moved by every attack forward,
+   plus the closing forward of x'; `Method.attack_model_mode`). `threat_model.model_mode: eval`
+   gives the eval-mode attack of the other methods here. The MNIST code starts from U(-0.1, 0.1) and
+   never clips to [0, 1] (`threat_model.start_radius`, `threat_model.clip`; the MNIST presets).
+2. The soft mask M = g_phi(x + delta) in (0, 1) (the mask network reads the adversarial example
+   itself, trainer.models.cat_mask) and the calibrated example x_cali = x + M * delta (Eq. 10-11).
+   Since 0 < M < 1 elementwise, x_cali lies between x and x' in every pixel: inside the eps ball
+   and, whenever x' is, the [0, 1] box (so the official clamp of x_cali is a no-op).
+3. theta is updated by Eq. 13, CE(f(x), y) * (1.0000001 - p_y(x)) + beta * KL(f(x) || f(x_cali)),
+   with M held fixed (`losses.cat`); f(x_cali) is forwarded before f(x), the official CIFAR order
+   (it decides BatchNorm's running averages). The shared loop steps f's optimizer.
 4. phi is updated by Eq. 14, KL(f(x') || f(x_cali)) + beta1 * CE(f(x_cali), y), with the updated f
-   (`losses.cat_mask`, `auxiliary_loss`); the shared loop steps g_phi's own optimizer. The mask of
-   step 2 is reused: phi has not changed since, and its graph is still attached.
-
-The paper gives no code; where it is silent (the mask network's input and upsampling, see
-trainer.models.cat_mask; g_phi's optimizer, here f's settings and schedule at `mask_lr`; f's mode
-in step 4, here training mode as in step 3), the choices are documented where they are made.
-The step reports no adversarial logits: f(x_cali) is neither the clean nor the adversarial
-prediction, so the epoch metrics show CAT's training accuracy on clean inputs only.
+   in training mode (`losses.cat_mask`, `auxiliary_loss`); the loop steps g_phi's own optimizer
+   (the official code: SGD with f's settings and lr schedule; Adam 1e-3 on MNIST). The mask of
+   step 2 is reused: phi has not changed since, so recomputing it, as the official code does,
+   gives the same mask (only g_phi's own running averages, which nothing reads, differ).
+Then, as the official loop logs its training accuracy, the loop forwards x once more in training
+mode (`TrainingRun.train_step`); the epoch metrics report that post-update clean accuracy.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ class CAT(Method):
     name = "cat"
     attack_loss = "ce"
     attack_random_start = "uniform"
+    robust_mode_during_attack = "train"
 
     def attack_config(self) -> AttackConfig:
         cw = self.spec.variant == "cw"
@@ -49,6 +54,8 @@ class CAT(Method):
             loss="cw" if cw else "ce",
             random_start=self.threat.random_start or self.attack_random_start,
             kappa=(DEFAULT_KAPPA if self.spec.kappa is None else self.spec.kappa) if cw else 0.0,
+            start_radius=self.threat.start_radius,
+            clip=self.threat.clip,
         )
 
     def build_auxiliary(self, experiment, in_channels) -> nn.Module:
@@ -70,11 +77,12 @@ class CAT(Method):
         auxiliary: nn.Module,
     ) -> StepOutput:
         assert x_adv is not None
-        delta = (x_adv - x).detach()
-        mask = auxiliary(x, delta)
+        x_adv = x_adv.detach()
+        delta = x_adv - x
+        mask = auxiliary(x_adv)
         x_cali = x + mask.detach() * delta
-        logits_nat = robust(x)
         logits_cali = robust(x_cali)
+        logits_nat = robust(x)
         loss = losses.cat(logits_nat, logits_cali, y, self.spec.beta)
         return StepOutput(
             loss=loss,
@@ -93,6 +101,5 @@ class CAT(Method):
 def calibrate(mask_net: nn.Module, x: Tensor, x_adv: Tensor) -> tuple[Tensor, Tensor]:
     """The soft mask and the calibrated example x + M * (x_adv - x), detached (for analysis and plots)."""
     with torch.no_grad():
-        delta = x_adv - x
-        mask = mask_net(x, delta)
-        return mask, x + mask * delta
+        mask = mask_net(x_adv)
+        return mask, x + mask * (x_adv - x)

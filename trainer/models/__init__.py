@@ -5,11 +5,12 @@
 >>> list_models("wrn34*")
 ['wrn34_10', 'wrn34_20']
 
-All models take NCHW inputs in [0, 1] (no internal normalisation) and pool adaptively before the
-classifier.  Importing this package registers every architecture below.
+All models take NCHW inputs in [0, 1] and pool adaptively before the classifier; with
+``create_model(..., normalize="cifar10")`` a classifier standardises its inputs itself (``normalize.py``).
+Importing this package registers every architecture below.
 """
 
-from . import cat_mask, inception_resnet_v2, preact_resnet, resnet, small_cnn, wide_resnet
+from . import cat_mask, inception_resnet_v2, normalize, preact_resnet, resnet, small_cnn, wide_resnet
 from ._registry import count_flops, create_model, list_models, model_kind, register_model
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "inception_resnet_v2",
     "list_models",
     "model_kind",
+    "normalize",
     "preact_resnet",
     "register_model",
     "resnet",

@@ -87,12 +87,19 @@ def _check_kwargs(name: str, fn: ModelFactory, kwargs: dict[str, Any]) -> None:
 
 
 def create_model(
-    name: str, *, num_classes: int | None = None, in_channels: int | None = None, **kwargs: Any
+    name: str,
+    *,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+    normalize: str = "none",
+    **kwargs: Any,
 ) -> nn.Module:
     """Build the registered model ``name``.
 
     Classifiers need ``num_classes``; other kinds (mask networks) take none.  ``in_channels=None``
     uses the model's own default (3 for the CIFAR networks, 1 for the MNIST / digits CNNs).
+    ``normalize`` ('cifar10', 'cifar100') wraps a classifier in :class:`~trainer.models.normalize.Normalized`,
+    which standardises [0, 1] inputs before the network ('none': the bare network).
     Unknown names raise ``ValueError`` listing what is available; unknown model kwargs raise
     ``TypeError`` naming the offending kwarg.
     """
@@ -111,7 +118,16 @@ def create_model(
             raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
         kwargs["in_channels"] = in_channels
     _check_kwargs(name, fn, kwargs)
-    return fn(**kwargs)
+    model = fn(**kwargs)
+    if normalize != "none":
+        if _MODEL_KINDS[name] != "classifier":
+            raise ValueError(
+                f"normalize: only classifiers standardise their inputs, not the {name!r} network"
+            )
+        from .normalize import Normalized
+
+        model = Normalized(model, normalize)
+    return model
 
 
 def count_flops(model: nn.Module, input_shape: tuple[int, ...] | torch.Size) -> int:
