@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from api_schemas import SpecError
-from api_schemas.presets import list_presets
+from api_schemas.presets import Preset, list_presets
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -27,15 +27,45 @@ if TYPE_CHECKING:
     from service.client import Client
 
 
+def _preset_record(p: Preset) -> dict[str, Any]:
+    return {
+        "name": p.name,
+        "description": p.description,
+        "source": p.source,
+        "code": p.code,
+        "deviations": list(p.deviations),
+    }
+
+
+def _show_preset(name: str, as_json: bool) -> int:
+    """`lbgat presets --show NAME`: the spec (YAML), where it comes from and what differs from there."""
+    import yaml
+
+    from api_schemas.presets import PRESETS
+
+    preset = PRESETS.get(name)
+    if preset is None:
+        print(f"unknown preset {name!r}; `lbgat presets` lists them", file=sys.stderr)
+        return 2
+    if as_json:
+        print(json.dumps({**_preset_record(preset), "spec": preset.data}, indent=2))
+        return 0
+    print(f"# {preset.name}: {preset.description}")
+    print(f"# source: {preset.source}")
+    print(f"# code: {preset.code or '(none: follows the paper)'}")
+    print("# deviations:" + ("" if preset.deviations else " none known"))
+    for note in preset.deviations:
+        print(f"#   - {note}")
+    print(yaml.safe_dump(preset.data, sort_keys=False, width=100), end="")
+    return 0
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
+    if args.show:
+        return _show_preset(args.show, args.json)
     presets = list_presets()
     if args.json:
-        print(
-            json.dumps(
-                [{"name": p.name, "description": p.description, "source": p.source} for p in presets],
-                indent=2,
-            )
-        )
+        print(json.dumps([_preset_record(p) for p in presets], indent=2))
         return 0
     from rich.console import Console
     from rich.table import Table
@@ -974,6 +1004,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     presets = sub.add_parser("presets", help="list named presets and the paper table each reproduces")
     presets.add_argument("--json", action="store_true")
+    presets.add_argument(
+        "--show",
+        metavar="NAME",
+        help="print one preset: its spec (YAML), source, official code and known deviations",
+    )
     presets.set_defaults(func=_cmd_presets)
 
     _add_service_commands(sub)

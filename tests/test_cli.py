@@ -31,11 +31,41 @@ def test_presets_json_lists_every_preset_with_its_source(capsys):
     assert [p["name"] for p in listed] == sorted(PRESETS)
     by_name = {p["name"]: p for p in listed}
     for name, preset in PRESETS.items():
-        assert by_name[name] == {"name": name, "description": preset.description, "source": preset.source}
+        assert by_name[name] == {
+            "name": name,
+            "description": preset.description,
+            "source": preset.source,
+            "code": preset.code,
+            "deviations": list(preset.deviations),
+        }
     assert by_name["lbgat-trades-a0-cifar10"]["source"] == "LBGAT (ICCV 2021) Tables 2-3, 6"
     assert by_name["lbgat-tiny-imagenet"]["source"] == "LBGAT (ICCV 2021) Table 5"
     assert by_name["natural-tiny-imagenet"]["source"] == "LBGAT (ICCV 2021) Sec. 4 setting (no table row)"
     assert by_name["digits"]["source"] == "CPU demo (not a paper setting)"
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_show_prints_spec_source_code_and_deviations(capsys, name):
+    preset = PRESETS[name]
+    code, out, _ = _run(["presets", "--show", name], capsys)
+    assert code == 0
+    comments = [line for line in out.splitlines() if line.startswith("#")]
+    assert f"# source: {preset.source}" in comments
+    assert f"# code: {preset.code or '(none: follows the paper)'}" in comments
+    assert "# deviations:" + ("" if preset.deviations else " none known") in comments
+    for note in preset.deviations:
+        assert f"#   - {note}" in comments
+    assert yaml.safe_load(out) == preset.data  # the rest is the spec, as YAML
+
+
+def test_presets_show_json_and_unknown_name(capsys):
+    code, out, _ = _run(["presets", "--show", "cat-cent-b0.05-cifar10-wrn34", "--json"], capsys)
+    shown = json.loads(out)
+    assert code == 0 and shown["spec"] == PRESETS["cat-cent-b0.05-cifar10-wrn34"].data
+    assert shown["code"].startswith("TienjinHuang/Calibrated-adversarial-training")
+    assert any("110" in note for note in shown["deviations"])
+    code, _, err = _run(["presets", "--show", "no-such-preset"], capsys)
+    assert code == 2 and "unknown preset" in err
 
 
 def _table_rows(out: str) -> dict[str, list[str]]:
