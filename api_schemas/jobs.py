@@ -12,6 +12,17 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# The largest value an `Integer` column holds on every backend the service runs on: PostgreSQL's
+# `integer` is 32-bit (SQLite's is 64-bit). Every integer a client sends that reaches the database
+# (ids, limits, counters) is bounded by it, so an overflow is a 422 naming the field, never a driver
+# error.
+DB_INT_MAX = 2**31 - 1
+
+# Submission options, shared by the JSON body (ExperimentCreate) and a YAML upload's query parameters.
+PRIORITY_MIN, PRIORITY_MAX = -100, 100
+MAX_ATTEMPTS_MAX = 20
+MAX_TAGS = 16
+
 
 class JobState(str, Enum):
     """`queued -> dispatching -> running -> succeeded | failed | cancelled`; `retrying` after a failed attempt."""
@@ -55,13 +66,24 @@ class ExperimentCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     spec: dict[str, Any] = Field(description="an ExperimentSpec (validated; errors name the field path)")
-    priority: int = Field(0, ge=-100, le=100, description="higher runs first; fair share breaks ties")
+    # strict: JSON `true` is not the number 1 (pydantic's lax mode would take it as one)
+    priority: int = Field(
+        0,
+        ge=PRIORITY_MIN,
+        le=PRIORITY_MAX,
+        strict=True,
+        description="higher runs first; fair share breaks ties",
+    )
     max_attempts: int | None = Field(
-        None, ge=1, le=20, description="Ray job attempts before `failed` (default: the service setting)"
+        None,
+        ge=1,
+        le=MAX_ATTEMPTS_MAX,
+        strict=True,
+        description="Ray job attempts before `failed` (default: the service setting)",
     )
     tags: list[Tag] = Field(
         default_factory=list,
-        max_length=16,
+        max_length=MAX_TAGS,
         description="1-64 characters each: letters, digits, ._:/+=@-",
     )
 
@@ -171,13 +193,21 @@ class Comparison(_Out):
 
 
 class UserCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: JSON `1`/`"true"` are not booleans and `true`/`"3"` not numbers (lax mode takes them)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._-]*$")
     team: str = Field("default", min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9][a-zA-Z0-9._-]*$")
     is_admin: bool = False
-    max_running_jobs: int | None = Field(None, ge=0, description="default: the service setting")
-    max_gpus: float | None = Field(None, ge=0, description="default: the service setting")
+    max_running_jobs: int | None = Field(
+        None, ge=0, le=DB_INT_MAX, description="default: the service setting"
+    )
+    max_gpus: float | None = Field(
+        None,
+        ge=0,
+        allow_inf_nan=False,
+        description="default: the service setting (finite: JSON has no inf)",
+    )
 
 
 class UserOut(_Out):
@@ -190,9 +220,10 @@ class UserOut(_Out):
 
 
 class TokenCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    label: str = Field("cli", max_length=64)
+    # shown in listings; no control characters (PostgreSQL's text cannot even hold a NUL)
+    label: str = Field("cli", max_length=64, pattern=r"^[^\x00-\x1f\x7f]*$")
 
 
 class TokenOut(_Out):

@@ -6,8 +6,9 @@ Ray address) and the `scheduler` (this process's dispatcher, or None). Torch is 
 and Ray's client only when a RayJobs first talks to Ray, so the API starts in about a second.
 
 Errors: every 4xx/5xx body is an `ErrorDetail`. Domain errors (service.jobs.JobError) carry their
-status; invalid specs and requests answer 422 with dotted field paths; anything unexpected is logged
-here and answered with a generic 500 that reveals nothing.
+status; invalid specs and requests answer 422 with dotted field paths; the artifact store's errors
+answer 404/503 without its location (logged here); anything unexpected is logged here and answered
+with a generic 500 that reveals nothing. The OpenAPI document (service/api/openapi.py) says so.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from api_schemas import SpecError
 from api_schemas.jobs import ErrorDetail
 from service import auth
 from service.api import api_router, health_router
+from service.api.openapi import build_openapi
 from service.db.engine import make_engine, run_tx, session_factory
 from service.db.migrate import upgrade
 from service.jobs import JobError
@@ -88,18 +90,41 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     return _error(status.HTTP_422_UNPROCESSABLE_CONTENT, f"invalid request: {summary}", errors)
 
 
+def _allowed_methods(request: Request) -> str | None:
+    """`Allow` for a 405: every method the OpenAPI document declares for the matched path template.
+
+    The router names only the methods of the first route whose path matched, and this API serves
+    several methods of one path from separate routes (GET and DELETE of an experiment)."""
+    operations = request.app.openapi()["paths"].get(route_template(request.scope))
+    if not operations:
+        return None
+    return ", ".join(sorted(method.upper() for method in operations))
+
+
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return _error(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status_code == status.HTTP_405_METHOD_NOT_ALLOWED:
+        allowed = _allowed_methods(request)
+        if allowed is not None:
+            headers["Allow"] = allowed
+    return _error(exc.status_code, str(exc.detail), headers=headers or None)
+
+
+STORE_NOT_FOUND = "not found in the artifact store"
+STORE_UNAVAILABLE = "the artifact store is unavailable; try again later (the service log says why)"
 
 
 async def _not_found(request: Request, exc: KeyNotFound) -> JSONResponse:
-    return _error(status.HTTP_404_NOT_FOUND, str(exc))
+    # The store's messages name its location (a local path, a bucket's endpoint): the log only.
+    # Routes that know which artifact was asked for answer their own 404 naming just the artifact.
+    log.info("%s %s: %s", request.method, request.url.path, exc)
+    return _error(status.HTTP_404_NOT_FOUND, STORE_NOT_FOUND)
 
 
 async def _store_error(request: Request, exc: StoreError) -> JSONResponse:
-    # the store's messages name the endpoint and never the secret key (S3Store scrubs them)
+    # The message names the endpoint (never the secret key: S3Store scrubs it): the log only.
     log.warning("%s %s: artifact store error: %s", request.method, request.url.path, exc)
-    return _error(status.HTTP_503_SERVICE_UNAVAILABLE, f"artifact store: {exc}")
+    return _error(status.HTTP_503_SERVICE_UNAVAILABLE, STORE_UNAVAILABLE)
 
 
 async def _conflict(request: Request, exc: IntegrityError) -> JSONResponse:
@@ -259,4 +284,5 @@ def create_app(
 
     app.include_router(health_router)
     app.include_router(api_router)
+    app.openapi = lambda: build_openapi(app, settings)  # type: ignore[method-assign]
     return app

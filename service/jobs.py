@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 import secrets
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
@@ -308,8 +308,13 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         at, exp_id = raw.split("|", 1)
-        return datetime.fromisoformat(at), exp_id
-    except (ValueError, UnicodeDecodeError) as exc:
+        created = datetime.fromisoformat(at)
+        # Ours carry a UTC time and an id; a naive time (the UTC column refuses it) or a NUL (PostgreSQL
+        # text cannot hold one) would fail in the query instead: a 500 for a bad cursor.
+        if created.tzinfo is None or "\x00" in exp_id:
+            raise ValueError("not a cursor this service returned")
+        return created.astimezone(timezone.utc), exp_id  # OverflowError at the ends of time
+    except (ValueError, UnicodeDecodeError, OverflowError) as exc:
         raise JobError("cursor: not a cursor this service returned", status=422) from exc
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Annotated, Protocol
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Path, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import StringConstraints
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -90,6 +91,12 @@ def get_admin_user(user: Annotated[User, Depends(get_current_user)]) -> User:
         raise HTTPException(status_code=status.HTTP_403_FORBIDDEN, detail="this needs an admin token")
     return user
 
+
+# PostgreSQL's text cannot hold NUL: a string parameter that reaches a query may not contain one (a 422
+# naming it, where the driver would fail the query with a 500). The same on SQLite, so that both agree.
+NO_NUL = r"^[^\x00]*$"
+NoNulStr = Annotated[str, StringConstraints(pattern=NO_NUL)]
+ExperimentId = Annotated[str, Path(pattern=NO_NUL, description="an experiment's id, e.g. lbgat-c10-1a2b3c4d")]
 
 SettingsDep = Annotated[ServiceSettings, Depends(get_settings)]
 SessionsDep = Annotated[sessionmaker[Session], Depends(get_sessions)]

@@ -21,19 +21,26 @@ from starlette.concurrency import run_in_threadpool
 
 from api_schemas import ExperimentSpec, SpecError, parse_spec
 from api_schemas.jobs import (
-    ErrorDetail,
+    DB_INT_MAX,
+    MAX_ATTEMPTS_MAX,
+    MAX_TAGS,
+    PRIORITY_MAX,
+    PRIORITY_MIN,
     ExperimentCreate,
     ExperimentDetail,
     ExperimentOut,
     ExperimentPage,
     JobState,
+    Tag,
     TrialOut,
 )
 from api_schemas.yaml_safe import YAMLLimitError, load_yaml
 from service import jobs
 from service.api import sse
 from service.api.deps import (
+    NO_NUL,
     CurrentUser,
+    ExperimentId,
     RayDep,
     SchedulerDep,
     SchedulerLike,
@@ -43,6 +50,7 @@ from service.api.deps import (
     StoreDep,
     wake,
 )
+from service.api.responses import errors
 from service.db.engine import run_tx
 from service.db.models import Event, Experiment, Trial, User
 from service.ray_jobs import RayUnavailable
@@ -56,9 +64,29 @@ router = APIRouter(prefix="/experiments", tags=["experiments"])
 JSON_TYPES = frozenset({"application/json", ""})
 YAML_TYPES = frozenset({"application/yaml", "application/x-yaml", "text/yaml"})
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorDetail, "description": "missing, unknown or revoked token"},
-    404: {"model": ErrorDetail, "description": "no such experiment in your team"},
+_NO_SUCH = {404: "no such experiment in your team"}
+_NOT_OWNER = {403: "not the experiment's owner (nor an admin)"}
+# Ray's own messages name the dashboard's internal address: they go to the log, this to the client.
+RAY_UNAVAILABLE = "the Ray cluster is unreachable or refused the request (the service log says why)"
+# One event of the stream (sse.py), as OpenAPI 3.1 documents a text/event-stream: per event.
+SSE_EVENT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["event", "data"],
+    "properties": {
+        "event": {"enum": ["state", "metric", "end"]},
+        "id": {
+            "type": "string",
+            "pattern": "^[0-9]+$",
+            "description": "the event's id; a reconnecting client sends the last one as Last-Event-ID",
+        },
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"type": "object"},
+            "description": "state: {from, to, reason, at}; metric: {trial, <metrics>, at}; end: {state}",
+        },
+        "retry": {"type": "integer", "description": "milliseconds a browser waits before reconnecting"},
+    },
 }
 
 
@@ -100,9 +128,15 @@ async def _read_body(request: Request, limit: int) -> bytes:
 async def read_submission(
     request: Request,
     settings: SettingsDep,
-    priority: Annotated[int, Query(description="YAML uploads only (JSON: in the body)")] = 0,
-    max_attempts: Annotated[int | None, Query(description="YAML uploads only (JSON: in the body)")] = None,
-    tags: Annotated[list[str] | None, Query(description="YAML uploads only (JSON: in the body)")] = None,
+    priority: Annotated[
+        int, Query(ge=PRIORITY_MIN, le=PRIORITY_MAX, description="YAML uploads only (JSON: in the body)")
+    ] = 0,
+    max_attempts: Annotated[
+        int | None, Query(ge=1, le=MAX_ATTEMPTS_MAX, description="YAML uploads only (JSON: in the body)")
+    ] = None,
+    tags: Annotated[
+        list[Tag] | None, Query(max_length=MAX_TAGS, description="YAML uploads only (JSON: in the body)")
+    ] = None,
 ) -> Submission:
     """An ExperimentCreate (JSON) or a spec file (YAML, options as query parameters), validated."""
     content_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
@@ -255,15 +289,22 @@ def _change(
     openapi_extra=_SUBMIT_BODY,
     responses={
         200: {"model": ExperimentOut, "description": "a repeated Idempotency-Key: the first experiment"},
-        409: {"model": ErrorDetail, "description": "Idempotency-Key already used for another spec"},
-        413: {
-            "model": ErrorDetail,
-            "description": "body larger than LBGAT_MAX_SPEC_BYTES, a YAML body that expands past the "
-            "loader's node limit, or a spec larger than LBGAT_MAX_STORED_SPEC_BYTES as stored",
-        },
-        415: {"model": ErrorDetail, "description": "neither JSON nor YAML"},
-        422: {"model": ErrorDetail, "description": "invalid spec; `errors` name the field paths"},
-        401: _ERRORS[401],
+        **errors(
+            400,
+            401,
+            409,
+            413,
+            415,
+            422,
+            descriptions={
+                400: "Content-Length is not a number of bytes",
+                409: "Idempotency-Key already used for another spec",
+                413: "body larger than LBGAT_MAX_SPEC_BYTES, a YAML body that expands past the loader's "
+                "node limit, or a spec larger than LBGAT_MAX_STORED_SPEC_BYTES as stored",
+                415: "neither JSON nor YAML",
+                422: "invalid spec, options or headers; `errors` name the field paths",
+            },
+        ),
     },
 )
 def create_experiment(
@@ -309,20 +350,22 @@ def create_experiment(
     "",
     response_model=ExperimentPage,
     summary="List your team's experiments, newest first (cursor pagination)",
-    responses={401: _ERRORS[401], 422: {"model": ErrorDetail}},
+    responses=errors(401, 422),
 )
 def read_experiments(
     current_user: CurrentUser,
     session: SessionDep,
     settings: SettingsDep,
     scheduler: SchedulerDep,
-    user: Annotated[str | None, Query(max_length=64, description="owner's name")] = None,
-    team: Annotated[str | None, Query(max_length=64)] = None,
+    user: Annotated[str | None, Query(max_length=64, pattern=NO_NUL, description="owner's name")] = None,
+    team: Annotated[str | None, Query(max_length=64, pattern=NO_NUL)] = None,
     state: Annotated[list[JobState] | None, Query(description="repeat for several states")] = None,
-    method: Annotated[str | None, Query(max_length=32)] = None,
-    dataset: Annotated[str | None, Query(max_length=32)] = None,
+    method: Annotated[str | None, Query(max_length=32, pattern=NO_NUL)] = None,
+    dataset: Annotated[str | None, Query(max_length=32, pattern=NO_NUL)] = None,
     limit: Annotated[int, Query(ge=1, description="at most LBGAT_MAX_PAGE_SIZE")] = 50,
-    cursor: Annotated[str | None, Query(max_length=512)] = None,
+    cursor: Annotated[
+        str | None, Query(max_length=512, description="a page's `next_cursor`, as it was answered")
+    ] = None,
 ) -> ExperimentPage:
     if limit > settings.max_page_size:
         raise _invalid(("query", "limit"), f"at most {settings.max_page_size} items per page")
@@ -347,10 +390,10 @@ def read_experiments(
     "/{experiment_id}",
     response_model=ExperimentDetail,
     summary="One experiment: spec, state history, trials, metrics of the main trial, results, queue place",
-    responses=_ERRORS,
+    responses=errors(401, 404, 422, descriptions=_NO_SUCH),
 )
 def read_experiment(
-    experiment_id: str,
+    experiment_id: ExperimentId,
     current_user: CurrentUser,
     session: SessionDep,
     settings: SettingsDep,
@@ -374,10 +417,12 @@ def read_experiment(
     response_model=ExperimentOut,
     status_code=status.HTTP_202_ACCEPTED,
     summary="Cancel: a waiting job at once; a dispatched one once the scheduler has stopped its Ray job",
-    responses={**_ERRORS, 403: {"model": ErrorDetail}, 409: {"model": ErrorDetail}},
+    responses=errors(
+        401, 403, 404, 409, 422, descriptions={**_NO_SUCH, **_NOT_OWNER, 409: "the job is already finished"}
+    ),
 )
 def cancel_experiment(
-    experiment_id: str,
+    experiment_id: ExperimentId,
     current_user: CurrentUser,
     sessions: SessionsDep,
     settings: SettingsDep,
@@ -390,10 +435,17 @@ def cancel_experiment(
     "/{experiment_id}/retry",
     response_model=ExperimentOut,
     summary="Queue a failed or cancelled experiment again; it resumes from its last checkpoint",
-    responses={**_ERRORS, 403: {"model": ErrorDetail}, 409: {"model": ErrorDetail}},
+    responses=errors(
+        401,
+        403,
+        404,
+        409,
+        422,
+        descriptions={**_NO_SUCH, **_NOT_OWNER, 409: "the job is neither failed nor cancelled"},
+    ),
 )
 def retry_experiment(
-    experiment_id: str,
+    experiment_id: ExperimentId,
     current_user: CurrentUser,
     sessions: SessionsDep,
     settings: SettingsDep,
@@ -407,15 +459,23 @@ def retry_experiment(
     status_code=status.HTTP_204_NO_CONTENT,
     response_class=Response,
     summary="Delete an experiment and its artifacts (owner or admin; cancel an active job first)",
-    responses={
-        **_ERRORS,
-        403: {"model": ErrorDetail},
-        409: {"model": ErrorDetail, "description": "the job is dispatching or running"},
-        503: {"model": ErrorDetail, "description": "rows deleted, artifacts could not be removed"},
-    },
+    responses=errors(
+        401,
+        403,
+        404,
+        409,
+        422,
+        503,
+        descriptions={
+            **_NO_SUCH,
+            **_NOT_OWNER,
+            409: "the job is dispatching or running",
+            503: "rows deleted, but the artifact store could not remove the artifacts",
+        },
+    ),
 )
 def delete_experiment(
-    experiment_id: str,
+    experiment_id: ExperimentId,
     current_user: CurrentUser,
     sessions: SessionsDep,
     store: StoreDep,
@@ -443,10 +503,12 @@ def delete_experiment(
     try:
         removed = store.delete_prefix(experiment_prefix(experiment_id))
     except (StoreError, ValueError) as exc:
+        # The store's message names its location (a local path, an internal endpoint): the log only.
         log.error("experiment %s deleted, but not its artifacts in %s: %s", experiment_id, store.url, exc)
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,
-            f"experiment {experiment_id} was deleted, but its artifacts could not be removed: {exc}",
+            f"experiment {experiment_id} was deleted, but the artifact store could not remove its "
+            "artifacts (the service log says why); delete them again later",
         ) from None
     log.info("experiment %s deleted by %s (%d artifacts)", experiment_id, current_user.name, removed)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -456,13 +518,15 @@ def delete_experiment(
     "/{experiment_id}/metrics",
     response_model=list[dict[str, Any]],
     summary="Metric rows (one per epoch and trial) as the workers reported them",
-    responses=_ERRORS,
+    responses=errors(401, 404, 422, descriptions=_NO_SUCH),
 )
 def read_experiment_metrics(
-    experiment_id: str,
+    experiment_id: ExperimentId,
     current_user: CurrentUser,
     session: SessionDep,
-    trial: Annotated[str | None, Query(max_length=128, description="one trial (default: all)")] = None,
+    trial: Annotated[
+        str | None, Query(max_length=128, pattern=NO_NUL, description="one trial (default: all)")
+    ] = None,
 ) -> list[dict[str, Any]]:
     exp = jobs.get_experiment(session, experiment_id, viewer=current_user)
     return jobs.metric_rows(session, exp.id, trial)
@@ -473,21 +537,30 @@ def read_experiment_metrics(
     response_class=StreamingResponse,
     summary="Server-sent events: `state` and `metric` updates, then `end` once the job is terminal",
     responses={
-        200: {"content": {"text/event-stream": {}}, "description": "the event stream"},
-        **_ERRORS,
+        200: {
+            # For an event stream, the schema describes each event (OpenAPI 3.1 has no `itemSchema`).
+            "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
+            "description": "the event stream: `state` and `metric` events, then one `end`",
+        },
+        **errors(401, 404, 422, descriptions=_NO_SUCH),
     },
 )
 async def read_experiment_events(
-    experiment_id: str,
+    experiment_id: ExperimentId,
     current_user: CurrentUser,
     sessions: SessionsDep,
-    after: Annotated[int | None, Query(ge=0, description="send events with a larger id only")] = None,
-    last_event_id: Annotated[str | None, Header(description="set by reconnecting clients")] = None,
+    after: Annotated[
+        int | None, Query(ge=0, le=DB_INT_MAX, description="send events with a larger id only")
+    ] = None,
+    last_event_id: Annotated[
+        int | None,
+        Header(ge=0, le=DB_INT_MAX, description="set by reconnecting clients; wins over `after`"),
+    ] = None,
 ) -> StreamingResponse:
+    """Both resume points are event ids, bounded by the events table's integer key: a larger one is a
+    422 here, where it would otherwise break the stream after its 200 had been sent."""
     await run_in_threadpool(_visible, sessions, experiment_id, current_user)
-    start = after or 0
-    if last_event_id and last_event_id.strip().isdigit():
-        start = int(last_event_id.strip())
+    start = last_event_id if last_event_id is not None else (after or 0)
     return StreamingResponse(
         sse.experiment_events(sessions, experiment_id, after=start),
         media_type="text/event-stream",
@@ -497,16 +570,17 @@ async def read_experiment_events(
 
 @router.get(
     "/{experiment_id}/logs",
-    response_class=PlainTextResponse,
+    # Response, not PlainTextResponse: FastAPI documents a route's error models under the route's
+    # media type, and the errors are JSON (ErrorDetail); the 200's text/plain is declared here.
+    response_class=Response,
     summary="The Ray job's log ('' before the job reached Ray); follow=true streams until it ends",
     responses={
-        200: {"content": {"text/plain": {}}},
-        **_ERRORS,
-        503: {"model": ErrorDetail, "description": "no Ray configured, or Ray unreachable"},
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "the log"},
+        **errors(401, 404, 422, 503, descriptions={**_NO_SUCH, 503: "no Ray configured, or Ray unreachable"}),
     },
 )
 async def read_experiment_logs(
-    experiment_id: str,
+    experiment_id: ExperimentId,
     current_user: CurrentUser,
     sessions: SessionsDep,
     ray: RayDep,
@@ -526,13 +600,16 @@ async def read_experiment_logs(
             return PlainTextResponse(await run_in_threadpool(ray.logs, submission_id))
         await run_in_threadpool(ray.check)
     except RayUnavailable as exc:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
+        # Ray's messages name the dashboard's internal address: the log only.
+        log.warning("logs of %s (%s): Ray unavailable: %s", experiment_id, submission_id, exc)
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, RAY_UNAVAILABLE) from None
 
     async def follow_logs() -> Any:
         try:
             async for chunk in ray.tail_logs(submission_id):
                 yield chunk
         except RayUnavailable as exc:
-            yield f"\n[lbgat] the log stream stopped: {exc}\n"
+            log.warning("following logs of %s (%s) stopped: %s", experiment_id, submission_id, exc)
+            yield f"\n[lbgat] the log stream stopped: {RAY_UNAVAILABLE}\n"
 
     return StreamingResponse(follow_logs(), media_type="text/plain; charset=utf-8")

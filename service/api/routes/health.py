@@ -14,8 +14,9 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
-from api_schemas.jobs import ErrorDetail, Readiness
+from api_schemas.jobs import Readiness
 from service.api.deps import CurrentUser, RayDep, SessionsDep, StoreDep
+from service.api.responses import errors
 from service.metrics import CONTENT_TYPE
 
 log = logging.getLogger("service.api")
@@ -76,7 +77,7 @@ def read_readiness(request: Request, sessions: SessionsDep, store: StoreDep, ray
     "/metrics",
     response_class=Response,
     summary="Prometheus metrics: queue depth per state, jobs per user, request and dispatch latency",
-    responses={200: {"content": {CONTENT_TYPE: {}}}, 401: {"model": ErrorDetail}},
+    responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}, **errors(401)},
 )
 def read_metrics(request: Request, current_user: CurrentUser) -> Response:
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)

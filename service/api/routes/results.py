@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from api_schemas.jobs import Comparison, ErrorDetail, ResultRow
+from api_schemas.jobs import Comparison, ResultRow
 from service import jobs
-from service.api.deps import CurrentUser, SessionDep
+from service.api.deps import NO_NUL, CurrentUser, NoNulStr, SessionDep
+from service.api.responses import errors
 from service.db.models import Experiment
 
 router = APIRouter(prefix="/results", tags=["results"])
-
-_ERRORS: dict[int | str, dict[str, Any]] = {401: {"model": ErrorDetail}, 422: {"model": ErrorDetail}}
 
 
 def _row(exp: Experiment) -> ResultRow:
@@ -27,15 +26,17 @@ def _row(exp: Experiment) -> ResultRow:
     "/leaderboard",
     response_model=list[ResultRow],
     summary="Finished experiments ranked by AutoAttack accuracy, then the worst attack, then clean",
-    responses=_ERRORS,
+    responses=errors(401, 422),
 )
 def read_leaderboard(
     current_user: CurrentUser,
     session: SessionDep,
-    dataset: Annotated[str | None, Query(max_length=32)] = None,
-    norm: Annotated[str | None, Query(max_length=8, description="linf or l2")] = None,
-    eps: Annotated[float | None, Query(ge=0, description="threat model radius (as in the spec)")] = None,
-    method: Annotated[str | None, Query(max_length=32)] = None,
+    dataset: Annotated[str | None, Query(max_length=32, pattern=NO_NUL)] = None,
+    norm: Annotated[str | None, Query(max_length=8, pattern=NO_NUL, description="linf or l2")] = None,
+    eps: Annotated[
+        float | None, Query(ge=0, allow_inf_nan=False, description="threat model radius (as in the spec)")
+    ] = None,
+    method: Annotated[str | None, Query(max_length=32, pattern=NO_NUL)] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> list[ResultRow]:
     return jobs.leaderboard(
@@ -47,12 +48,12 @@ def read_leaderboard(
     "/compare",
     response_model=Comparison,
     summary="Chosen experiments side by side, with the union of their attacks",
-    responses={**_ERRORS, 404: {"model": ErrorDetail, "description": "an id not in your team"}},
+    responses=errors(401, 404, 422, descriptions={404: "an id not in your team"}),
 )
 def read_comparison(
     current_user: CurrentUser,
     session: SessionDep,
-    ids: Annotated[list[str], Query(min_length=2, max_length=20, description="2 to 20 experiment ids")],
+    ids: Annotated[list[NoNulStr], Query(min_length=2, max_length=20, description="2 to 20 experiment ids")],
 ) -> Comparison:
     unique = list(dict.fromkeys(ids))
     rows = [_row(jobs.get_experiment(session, exp_id, viewer=current_user)) for exp_id in unique]
