@@ -456,6 +456,12 @@ class ScheduleSpec(_Strict):
     first_epoch_lr: float | None = Field(
         None, gt=0, description="official LBGAT code: lr 0.02 during the first epoch, then the schedule"
     )
+    per_step: bool = Field(
+        False,
+        description="piecewise: take each step's factor at t = epoch + (step + 1) / steps, as Rice et al.'s "
+        "and ReBAT's lr_schedule(epoch + (i + 1) / len(loader)) (the last step before a milestone is "
+        "already decayed); false: once per epoch",
+    )
 
     @field_validator("milestones")
     @classmethod

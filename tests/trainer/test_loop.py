@@ -30,6 +30,29 @@ def test_cosine_and_constant_schedules():
     assert learning_rate(OptimizationSpec(lr=0.3, schedule={"kind": "constant"}), 50) == 0.3
 
 
+def test_per_step_piecewise_schedule_matches_rebat_and_rice_et_al():
+    """PKU-ML/ReBAT train_cifar_wa.py (Rice et al.'s form): lr_schedule(epoch + (i + 1) / len(batches))
+    with lr_max until --stage1, / --lr-factor until --stage2, / factor**2 after; the last batch of
+    epochs 99 and 149 already runs at the decayed rate."""
+
+    def official(t, lr_max=0.1, factor=1.5, stage1=100, stage2=150):
+        if t < stage1:
+            return lr_max
+        if t < stage2:
+            return lr_max / factor
+        return lr_max / factor**2
+
+    schedule = {"kind": "piecewise", "milestones": [100, 150], "gamma": 1 / 1.5, "per_step": True}
+    opt = OptimizationSpec(lr=0.1, epochs=200, schedule=schedule)
+    n = 391
+    for epoch in (0, 98, 99, 100, 148, 149, 150, 199):
+        for i in (0, 1, n - 2, n - 1):
+            assert learning_rate(opt, epoch, i, n) == pytest.approx(official(epoch + (i + 1) / n)), (epoch, i)
+    assert learning_rate(opt, 99, n - 1, n) < learning_rate(opt, 99, n - 2, n)
+    per_epoch = OptimizationSpec(lr=0.1, epochs=200, schedule={**schedule, "per_step": False})
+    assert learning_rate(per_epoch, 99, n - 1, n) == pytest.approx(0.1)
+
+
 def _spec(**kw):
     base = {
         "dataset": {"train_limit": 576, "val_size": 64},
