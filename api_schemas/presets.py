@@ -621,7 +621,21 @@ _RAAT_DATASETS = {
     "cifar100": {"name": "cifar100", "root": "data"},
     "tiny-imagenet": {"name": "tiny_imagenet", "root": "data"},
 }
-_RAAT_MODELS = {"resnet18": ("resnet18", "ResNet-18"), "wrn28-10": ("wrn28_10", "WideResNet-28-10")}
+# The RAAT code's networks (models/classifier.py, models/resnet.py): its "ResNet-18" is
+# ResNet(Bottleneck, [2, 2, 2, 2]) (13.96M parameters, not the 11.17M BasicBlock one), and for
+# Tiny-ImageNet (64x64) both networks get a stride-2 stem.
+_RAAT_MODELS = {
+    "resnet18": ("resnet18_bottleneck", "ResNet-18"),
+    "wrn28-10": ("wrn28_10", "WideResNet-28-10"),
+}
+_RAAT_TINY_IMAGENET_MODELS = {
+    "resnet18_bottleneck": "resnet18_bottleneck_stem2",
+    "wrn28_10": "wrn28_10_stem2",
+}
+# Methods whose training attack is advertorch's PGDAttack (adv_lib/attack.py `adversary`); TRADES,
+# MART and RAAT++ attack with their own loops (adv_lib/trades.py, adv_lib/mart.py). Every method's
+# PGD evaluation and best-checkpoint attack is advertorch's (`adversary_t`, evals.py).
+_RAAT_ADVERTORCH_TRAINING = ("pgd-at", "cons-at", "raat")
 _RAAT_THREATS = {
     # norm: (eps, step size, table, models of that table)
     "linf": (8 / 255, 2 / 255, "Table 1", ("resnet18", "wrn28-10")),
@@ -634,14 +648,21 @@ def _raat_spec(method_key: str, dataset_key: str, model_key: str, norm: str) -> 
     eps, step, table, _ = _RAAT_THREATS[norm]
     name = f"{method_key}-{dataset_key}-{model_key}-{norm}"
     pgd = {"kind": "pgd", "step_size": step, "loss": "ce", "random_start": "uniform"}
+    threat = {"norm": norm, "eps": eps, "step_size": step, "steps": 10}
+    if norm == "l2":  # advertorch's l_2 order (only l_2 differs), see _RAAT_ADVERTORCH_TRAINING
+        pgd["l2_variant"] = "advertorch"
+        threat["l2_variant"] = "advertorch" if method_key in _RAAT_ADVERTORCH_TRAINING else "default"
+    arch = _RAAT_MODELS[model_key][0]
+    if dataset_key == "tiny-imagenet":
+        arch = _RAAT_TINY_IMAGENET_MODELS[arch]
     return {
         "name": name,
         "description": f"{label} on {dataset_key}, {_RAAT_MODELS[model_key][1]}, {norm}; RAAT paper {table}; "
         "best PGD-10 checkpoint selected on the test set as the paper and code; fp32 as the code",
         "method": dict(method),
-        "model": {"robust": {"name": _RAAT_MODELS[model_key][0]}},
+        "model": {"robust": {"name": arch}},
         "dataset": dict(_RAAT_DATASETS[dataset_key]),
-        "threat_model": {"norm": norm, "eps": eps, "step_size": step, "steps": 10},
+        "threat_model": threat,
         "optimization": {
             "optimizer": "sgd",
             "lr": 0.1,
@@ -655,7 +676,7 @@ def _raat_spec(method_key: str, dataset_key: str, model_key: str, norm: str) -> 
             "attacks": [
                 {**pgd, "steps": 10},
                 {**pgd, "steps": 100},
-                {"kind": "pgd", "step_size": step, "steps": 30, "loss": "cw", "random_start": "uniform"},
+                {**pgd, "steps": 30, "loss": "cw"},
                 {"kind": "autoattack", "version": "standard"},
             ],
             "batch_size": 500,

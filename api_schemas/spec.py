@@ -50,6 +50,7 @@ MAX_SWEEP_STRING = 256  # characters of one string value in a sweep
 Norm = Literal["linf", "l2"]
 AttackLoss = Literal["ce", "kl", "cw"]
 RandomStart = Literal["none", "uniform", "normal"]
+L2Variant = Literal["default", "advertorch"]
 Regularizer = Literal["none", "alp", "trades"]
 DatasetName = Literal["cifar10", "cifar100", "tiny_imagenet", "mnist", "digits", "synthetic"]
 # Kept in step with trainer.models' registry (a test checks it); duplicated here because the
@@ -99,6 +100,12 @@ class ThreatModel(_Strict):
     loss: AttackLoss | None = None
     random_start: RandomStart | None = None
     kappa: float = Field(0.0, ge=0, description="CW margin confidence; only used with loss='cw'")
+    l2_variant: L2Variant = Field(
+        "default",
+        description="l_2 only: 'advertorch' runs PGD as advertorch's PGDAttack (a uniform point of the [0, 1] "
+        "box pulled into the ball as the start; each step clipped to the box, then projected onto the "
+        "ball), the attack of the RAAT/Cons-AT code; 'default' projects onto the ball first",
+    )
     model_mode: Literal["train", "eval"] | None = Field(
         None,
         description="the robust model's mode during the training attack (train: BatchNorm on batch "
@@ -543,6 +550,7 @@ class PGDAttackSpec(_Attack):
     loss: AttackLoss = "ce"
     kappa: float = Field(0.0, ge=0)
     random_start: RandomStart = "uniform"
+    l2_variant: L2Variant | None = Field(None, description="l_2 PGD's variant; None: the threat model's")
 
     def label(self) -> str:
         prefix = {"ce": "pgd", "cw": "cw", "kl": "pgd_kl"}[self.loss]
@@ -582,6 +590,7 @@ class TransferAttackSpec(_Attack):
     steps: int = Field(20, ge=1, le=MAX_STEPS)
     loss: AttackLoss = "ce"
     random_start: RandomStart = "uniform"
+    l2_variant: L2Variant | None = Field(None, description="l_2 PGD's variant; None: the threat model's")
 
     def label(self) -> str:
         return self.name or "transfer"

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 Norm = Literal["linf", "l2"]
 Objective = Literal["ce", "kl", "cw"]
 RandomStart = Literal["none", "uniform", "normal"]
+L2Variant = Literal["default", "advertorch"]
 
 __all__ = ["cw_margin", "fgsm", "pgd", "project"]
 
@@ -117,8 +118,17 @@ def pgd(
     step_noise: float = 0.0,
     start_radius: float | None = None,
     clip: bool = True,
+    l2_variant: L2Variant = "default",
 ) -> Tensor:
     """Projected gradient ascent on `loss` within the `norm` ball of radius eps around x.
+
+    `l2_variant='advertorch'` runs the l_2 attack as advertorch's `PGDAttack(ord=2)` (0.2.x), the
+    training and evaluation attack of the RAAT / Cons-AT code for PGD-AT, Cons-AT and RAAT: the
+    uniform start is a uniform point of the [0, 1] box pulled into the eps ball (`rand_init_delta`);
+    each step adds step_size * g / max(||g||, 1e-6) with g the gradient of the batch-mean loss (their
+    `nn.CrossEntropyLoss()`), clips to the box, then projects onto the ball (`perturb_iterative`).
+    The default clips in the other order (ball, then box), from a uniform point of the ball. l_inf
+    is the same either way.
 
     `start_radius` sets the half-width of the l_inf uniform start (default eps); `clip=False` keeps
     the iterates in the eps ball only, not in the [0, 1] box (CAT's MNIST training attack: U(-0.1, 0.1)
@@ -142,6 +152,11 @@ def pgd(
         raise ValueError(f"early_stop_tau must be >= 0 or None (got {early_stop_tau})")
     if step_noise < 0:
         raise ValueError(f"step_noise must be >= 0 (got {step_noise})")
+    if l2_variant not in ("default", "advertorch"):
+        raise ValueError(f"l2_variant: unknown value {l2_variant!r}; use 'default' or 'advertorch'")
+    advertorch = norm == "l2" and l2_variant == "advertorch"
+    if advertorch and (early_stop_tau is not None or step_noise > 0 or not clip or start_radius is not None):
+        raise ValueError("l2_variant: advertorch's l_2 PGD has no early stop, step noise, start radius or clip=False")
     x = x.detach()
     p_clean = None
     if loss == "kl":
@@ -149,7 +164,10 @@ def pgd(
             with torch.no_grad():
                 logits_clean = model(x)
         p_clean = F.softmax(logits_clean.detach().float(), dim=1)
-    x_adv = _start(x, eps, norm, random_start, generator, start_radius, clip)
+    if advertorch and random_start == "uniform":
+        x_adv = _advertorch_l2_start(x, eps, generator)
+    else:
+        x_adv = _start(x, eps, norm, random_start, generator, start_radius, clip)
     if early_stop_tau is not None:
         return _pgd_early_stopped(
             model,
@@ -174,9 +192,37 @@ def pgd(
             objective = _objective(model(x_adv), y, loss, p_clean, kappa)
             (grad,) = torch.autograd.grad(objective, [x_adv])
         with torch.no_grad():
-            x_adv = _ascend(x_adv.detach(), grad, step_size, norm, step_noise, generator)
-            x_adv = project(x_adv, x, eps, norm, box=clip)
+            if advertorch:
+                x_adv = _advertorch_l2_step(x_adv.detach(), x, grad, step_size, eps)
+            else:
+                x_adv = _ascend(x_adv.detach(), grad, step_size, norm, step_noise, generator)
+                x_adv = project(x_adv, x, eps, norm, box=clip)
+    if advertorch:  # its iterates already lie in the ball and the box; it returns clamp(x + delta)
+        return x_adv.detach().clamp(0.0, 1.0)
     return project(x_adv.detach(), x, eps, norm, box=clip)
+
+
+def _clamp_by_l2(delta: Tensor, eps: float) -> Tensor:
+    """advertorch `clamp_by_pnorm(delta, 2, eps)`: scale by min(eps / ||delta||, 1) (no epsilon added)."""
+    return delta * torch.clamp(eps / _l2_norm(delta), max=1.0)
+
+
+def _advertorch_l2_start(x: Tensor, eps: float, generator: torch.Generator | None) -> Tensor:
+    """advertorch `rand_init_delta(ord=2)`: delta = U(box) - x, pulled into the eps ball, kept in the box."""
+    delta = torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator) - x
+    return (x + _clamp_by_l2(delta, eps)).clamp(0.0, 1.0)
+
+
+def _advertorch_l2_step(x_adv: Tensor, x: Tensor, grad: Tensor, step_size: float, eps: float) -> Tensor:
+    """advertorch `perturb_iterative(ord=2)`: normalised step, clip to the box, then project to the ball.
+
+    `grad` is the gradient of the summed objective; advertorch's is of the batch mean, 1/N of it, and
+    `normalize_by_pnorm` divides by max(||g||, 1e-6): the same as ||g_sum|| floored at N * 1e-6.
+    """
+    floor = x.shape[0] * 1e-6
+    delta = x_adv - x + step_size * grad / torch.clamp(_l2_norm(grad), min=floor)
+    delta = (x + delta).clamp(0.0, 1.0) - x
+    return x + _clamp_by_l2(delta, eps)
 
 
 def _ascend(

@@ -80,6 +80,8 @@ def _pgd_kwargs(attack: PGDAttackSpec | TransferAttackSpec, threat: ThreatModel)
         "steps": attack.steps,
         "loss": attack.loss,
         "random_start": attack.random_start,
+        # advertorch's l_2 PGD where the attack or the threat model asks for it (RAAT's l_2 tables)
+        "l2_variant": attack.l2_variant or threat.l2_variant,
     }
     if isinstance(attack, PGDAttackSpec):
         kwargs["kappa"] = attack.kappa

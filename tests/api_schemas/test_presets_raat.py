@@ -40,7 +40,20 @@ def test_raat_preset_settings(name: str):
         assert (threat.norm, threat.eps, threat.step_size, threat.steps) == ("linf", 8 / 255, 2 / 255, 10)
     else:
         assert (threat.norm, threat.eps, threat.step_size, threat.steps) == ("l2", 128 / 255, 32 / 255, 10)
-    assert spec.model.robust.name == ("wrn28_10" if "-wrn28-10-" in name else "resnet18")
+    # FlaAI/RAAT models/: its ResNet-18 is the Bottleneck network; Tiny-ImageNet gets the stride-2 stem
+    arch = "wrn28_10" if "-wrn28-10-" in name else "resnet18_bottleneck"
+    if "-tiny-imagenet-" in name:
+        arch += "_stem2"
+    assert spec.model.robust.name == arch
+    # l_2: advertorch's PGD (clip to the box, then the ball) where the RAAT code attacks with it
+    pgds = [attack for attack in spec.evaluation.attacks if attack.kind == "pgd"] + [spec.selection.attack]
+    if name.endswith("-l2"):
+        advertorch_training = name.startswith(("pgd-at-", "cons-at-", "raat-cifar", "raat-tiny"))
+        assert spec.threat_model.l2_variant == ("advertorch" if advertorch_training else "default")
+        assert {attack.l2_variant for attack in pgds} == {"advertorch"}
+    else:
+        assert spec.threat_model.l2_variant == "default"
+        assert {attack.l2_variant for attack in pgds} == {None}
     assert spec.model.teacher is None
     assert spec.dataset.augment and spec.dataset.flip and spec.dataset.crop_padding == 4
     assert spec.dataset.resize_to is None  # Tiny-ImageNet at 64x64, as the RAAT code

@@ -36,6 +36,8 @@ class AttackConfig:
     early_stop_tau: int | None = None
     #: std of Gaussian noise added to every step (FAT's omega)
     step_noise: float = 0.0
+    #: l_2 PGD as advertorch runs it ('advertorch': box-uniform start, clip to the box, then the ball)
+    l2_variant: str = "default"
     #: half-width of the l_inf uniform start (None: eps) and whether x' stays in [0, 1]
     start_radius: float | None = None
     clip: bool = True
@@ -55,6 +57,7 @@ class AttackConfig:
             logits_clean=logits_clean,
             early_stop_tau=self.early_stop_tau,
             step_noise=self.step_noise,
+            l2_variant=self.l2_variant,  # type: ignore[arg-type]
             start_radius=self.start_radius,
             clip=self.clip,
         )
@@ -114,6 +117,7 @@ class Method:
             loss=self.threat.loss or self.attack_loss,
             random_start=self.threat.random_start or self.attack_random_start,
             kappa=self.threat.kappa,
+            l2_variant=self.threat.l2_variant,
             start_radius=self.threat.start_radius,
             clip=self.threat.clip,
         )
