@@ -1,7 +1,10 @@
 """Liveness (/healthz), readiness (/readyz: database, store, Ray) and Prometheus metrics (/metrics).
 
-Readiness messages come from exceptions of the database driver, the store and Ray: they are cut short
-and every secret this service knows (S3 secret key, admin token, database password) is masked.
+/readyz answers anyone (load balancers and probes have no token), so a component that is not ready is
+named with the kind of failure only; the full reason, which may hold the store's path or endpoint or
+Ray's address, goes to the service's log (cut short, every secret this service knows masked). The
+store is asked through the scheduler's one-attempt, short-timeout view where there is one, so a
+store that is down does not hold the probe up for the store client's whole retry schedule.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def _check(name: str, fn: Any, secrets: list[str]) -> str:
     except Exception as exc:
         reason = scrub(f"{type(exc).__name__}: {exc}", secrets)
         log.warning("readiness: %s not ready: %s", name, reason)
-        return reason
+        return f"not ready: {type(exc).__name__} (the reason is in the service's log)"
     return result if isinstance(result, str) else "ok"
 
 
@@ -62,9 +65,11 @@ def read_health() -> dict[str, str]:
 )
 def read_readiness(request: Request, sessions: SessionsDep, store: StoreDep, ray: RayDep) -> JSONResponse:
     secrets: list[str] = request.app.state.secrets
+    monitor = getattr(request.app.state.scheduler, "store_monitor", None)
+    quick_store = monitor.store if monitor is not None else store
     checks = {
         "database": _check("database", lambda: _database(sessions), secrets),
-        "store": _check("store", store.check, secrets),
+        "store": _check("store", quick_store.check, secrets),
         "ray": "not configured" if ray is None else _check("ray", ray.check, secrets),
     }
     ready = all(value in ("ok", "not configured") for value in checks.values())
