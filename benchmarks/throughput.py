@@ -143,7 +143,7 @@ def build_spec(case: Case, args: argparse.Namespace, device: torch.device) -> Ex
     if case.kind == "lbgat":
         overrides.append(f"method.alpha={args.alpha}")
     if args.no_bf16:
-        overrides.append("runtime.bf16=false")
+        overrides.append("runtime.precision=tf32")  # fp32 tensors, TF32 tensor cores
     if args.no_channels_last:
         overrides.append("runtime.channels_last=false")
     if args.compile:
@@ -470,7 +470,7 @@ def check_same_math(
     fp32 = spec.model_copy(
         update={
             "runtime": spec.runtime.model_copy(
-                update={"bf16": False, "channels_last": False, "compile": False}
+                update={"precision": "tf32", "channels_last": False, "compile": False}
             )
         }
     )
