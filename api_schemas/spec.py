@@ -343,6 +343,50 @@ class RAATPPMethod(RAATMethod):
     alpha: float = Field(6.0, ge=0, description="weight of MART's weighted KL (official code: --beta, 6)")
 
 
+AveragedMode = Literal["train_until_start", "eval"]
+_AVERAGED_MODE_DOC = (
+    "mode of the averaged model in the step: 'train_until_start' (official scripts: their deepcopy of "
+    "the training-mode model stays in training mode, batch statistics, until its first evaluation at "
+    "the end of the epoch in which averaging starts) or 'eval'"
+)
+
+
+class ReBATMethod(_Strict):
+    """ReBAT (Wang et al., NeurIPS 2023; PKU-ML/ReBAT `train_cifar_wa.py`): PGD-AT (CE on x', the
+    attack in training mode) + beta * KL(f_avg(x') || f(x')) towards the weight-averaged model, from
+    the epoch at which weight averaging starts (`optimization.weight_averaging.start_epoch`, the
+    official `--warmup-epochs` 105); before it, plain PGD-AT."""
+
+    name: Literal["rebat"] = "rebat"
+    beta: float = Field(
+        1.0, ge=0, description="weight of the KL to the averaged model (official --beta: 1; 2 for WRN-34-10)"
+    )
+    averaged_mode: AveragedMode = Field("train_until_start", description=_AVERAGED_MODE_DOC)
+
+
+class RAATSharpMethod(_Strict):
+    """RAAT# (RAAT paper, Sec. 5.3 and Table 3; FlaAI/RAAT `RAAT#_Code_(Sec_5.3)/train_cifar.py`): RAAT
+    on ReBAT's code. CE on the first augmentation's x' (x + eta*delta for boundary samples, which
+    the weight-averaged model decides) + beta * DICAR over both augmentations, the DICAR weight
+    following ReBAT's regulariser schedule (0 before weight averaging starts). ReBAT's own KL term
+    is commented out in the released code (`boat_beta`, 0, restores it)."""
+
+    name: Literal["raat_sharp"] = "raat_sharp"
+    beta: float = Field(
+        1.0, ge=0, description="weight of DICAR once weight averaging starts (official --beta, 1; 0 before)"
+    )
+    eta: float = Field(0.1, gt=0, lt=1, description="boundary range: the reduced perturbation is eta*delta")
+    gamma: float = Field(0.75, gt=0, description="interpolation weight ~ Beta(gamma, gamma)")
+    temperature: float = Field(0.5, gt=0, description="softmax temperature of the JS term (official: 0.5)")
+    boat_beta: float = Field(
+        0.0,
+        ge=0,
+        description="weight of ReBAT's KL(f_avg(x') || f(x')) from the same epoch (commented out in the "
+        "released RAAT# code: 0)",
+    )
+    averaged_mode: AveragedMode = Field("train_until_start", description=_AVERAGED_MODE_DOC)
+
+
 MethodSpec = Annotated[
     NaturalMethod
     | PGDATMethod
@@ -355,12 +399,16 @@ MethodSpec = Annotated[
     | MARTMethod
     | ConsATMethod
     | RAATMethod
-    | RAATPPMethod,
+    | RAATPPMethod
+    | ReBATMethod
+    | RAATSharpMethod,
     Field(discriminator="name"),
 ]
 TEACHER_METHODS = ("lbgat", "bgat")
 # Methods that train on two random augmentations of every image (the loader's two_views).
-TWO_VIEW_METHODS = ("cons_at", "raat", "raat_pp")
+TWO_VIEW_METHODS = ("cons_at", "raat", "raat_pp", "raat_sharp")
+# Methods whose step reads the weight-averaged model (optimization.weight_averaging is required).
+AVERAGED_METHODS = ("rebat", "raat_sharp")
 
 
 # --------------------------------------------------------------------------- models, data
@@ -964,6 +1012,11 @@ class ExperimentSpec(_Strict):
                     f"model.{role}.normalize: {ref.normalize}'s statistics are for 3-channel images; "
                     f"{self.dataset.name} has one channel"
                 )
+        if name in AVERAGED_METHODS and self.optimization.weight_averaging is None:
+            raise ValueError(
+                f"optimization.weight_averaging: method '{name}' regularises towards the averaged model; "
+                "set it (the official code: {decay: 0.999, start_epoch: 105})"
+            )
         if name in TWO_VIEW_METHODS and not self.dataset.augment:
             raise ValueError(
                 f"dataset.augment: method '{name}' compares two random augmentations of each image; "

@@ -158,6 +158,7 @@ class TrainingRun:
                 f"evenly among {world_size} workers"
             )
         self.method: Method = build_method(spec.method, spec.threat_model)
+        self.method.setup(spec)
         self.loader = DeviceLoader(
             train,
             batch_size=spec.optimization.batch_size // world_size,
@@ -328,6 +329,9 @@ class TrainingRun:
             _set_mode(self.teacher, "train" if method.trains_teacher else "eval")
             _set_mode(self.auxiliary, "train")
             extra = {} if self.auxiliary_fn is None else {"auxiliary": self.auxiliary_fn}
+            if method.uses_averaged:  # ReBAT, RAAT#: the weight average takes part in the loss
+                _set_mode(self.averaged, method.averaged_mode())
+                extra["averaged"] = self.averaged
             out = method.compute_loss(self.robust_fn, self.teacher_fn, x, x_adv, y, **extra)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -340,10 +344,12 @@ class TrainingRun:
             # mode, to log training accuracy; that forward moves BatchNorm's running averages, so it
             # is part of what they trained (Method.attack_model_mode). Its accuracy is the one logged.
             self.robust.train()
+            x_post, _ = method.post_step_view(x, y)
             with torch.no_grad(), self.rt.autocast():
-                logits_clean = self.attack_fn(x)
+                logits_clean = self.attack_fn(x_post)
         if self.averaged is not None:
             self._update_average()
+            self.averaged.eval()  # after a method ran it in training mode (averaged_mode)
         counts = {}
         with torch.no_grad():
             for key, logits in (
@@ -352,7 +358,10 @@ class TrainingRun:
                 ("teacher", out.logits_teacher),
             ):
                 if logits is not None:
-                    counts[key] = (logits.argmax(1) == y).sum()
+                    # a method may report the first view of a two-view batch only (RAAT#): counted
+                    # on that view's labels, scaled to the batch
+                    n = logits.shape[0]
+                    counts[key] = (logits.argmax(1) == y[:n]).sum() * (y.shape[0] // n)
         return out.loss.detach(), counts
 
     def _auxiliary_step(self, out: Any, y: torch.Tensor) -> None:

@@ -297,3 +297,61 @@ def raat_pp(
     """
     loss = boosted_ce(logits_ce, y) + alpha * mart_kl(logits_nat, logits_adv, y)
     return loss + lam * dicar(logits_mix_adv, logits_nat_1, logits_nat_2, mix, temperature, target)
+
+
+def _below_1e10(term: Tensor) -> bool:
+    # ReBAT's and RAAT#'s scripts add a regulariser only `if reg_loss < 1e10` (an inf or NaN term is
+    # dropped, with no gradient). One host sync per step, as there.
+    return bool(term.detach() < 1e10)
+
+
+def rebat(logits_adv: Tensor, logits_adv_averaged: Tensor | None, y: Tensor, beta: float) -> Tensor:
+    """ReBAT (PKU-ML/ReBAT train_cifar_wa.py): CE(f(x'), y) + beta * KL(f_avg(x') || f(x')).
+
+    `logits_adv_averaged` are the weight-averaged model's logits on the same x' (no gradient); the KL
+    is `F.kl_div(log_softmax(f(x')), softmax(f_avg(x')), reduction='batchmean')`, added only when
+    beta > 0 (the script forwards the averaged model only then) and below 1e10 (its guard).
+    """
+    loss = F.cross_entropy(logits_adv, y)
+    if beta == 0:
+        return loss
+    if logits_adv_averaged is None:
+        raise ValueError("logits_adv_averaged: ReBAT's regulariser needs the averaged model's logits on x'")
+    reg = trades_kl(logits_adv_averaged.detach(), logits_adv)
+    return loss + beta * reg if _below_1e10(reg) else loss
+
+
+def raat_sharp(
+    logits_ce: Tensor,
+    y: Tensor,
+    logits_mix_adv: Tensor,
+    logits_nat_1: Tensor,
+    logits_nat_2: Tensor,
+    mix: float,
+    *,
+    beta: float = 1.0,
+    temperature: float = 0.5,
+    logits_adv: Tensor | None = None,
+    logits_adv_averaged: Tensor | None = None,
+    boat_beta: float = 0.0,
+) -> Tensor:
+    """RAAT# (FlaAI/RAAT `RAAT#_Code_(Sec_5.3)/train_cifar.py`): CE on the training inputs of the first
+    augmentation + beta * DICAR (logits interpolated, as RAAT) [+ boat_beta * ReBAT's KL].
+
+    `logits_ce`/`y` are the B examples of the first view (x' or x + eta*delta per the boundary
+    partition); the DICAR rows are the images whose two views are both classified correctly. Each
+    regulariser is added only below 1e10, the script's guard. ReBAT's KL(f_avg(x') || f(x')) on the
+    first view's x' (`logits_adv`, `logits_adv_averaged`) is commented out in the released script;
+    `boat_beta` > 0 restores it.
+    """
+    loss = F.cross_entropy(logits_ce, y)
+    con = dicar(logits_mix_adv, logits_nat_1, logits_nat_2, mix, temperature, "logits")
+    if _below_1e10(con):
+        loss = loss + beta * con
+    if boat_beta > 0:
+        if logits_adv is None or logits_adv_averaged is None:
+            raise ValueError("logits_adv_averaged: ReBAT's KL term needs both models' logits on x'")
+        reg = trades_kl(logits_adv_averaged.detach(), logits_adv)
+        if _below_1e10(reg):
+            loss = loss + boat_beta * reg
+    return loss

@@ -15,11 +15,13 @@ METHODS = ("pgd-at", "trades", "mart", "cons-at", "raat", "raat-pp")
 DATASETS = ("cifar10", "cifar100", "tiny-imagenet")
 TABLE_1 = [f"{m}-{d}-{a}-linf" for m in METHODS for d in DATASETS for a in ("resnet18", "wrn28-10")]
 TABLE_5 = [f"{m}-{d}-resnet18-l2" for m in METHODS for d in DATASETS]
+# ReBAT and RAAT# on ReBAT's code (tests/api_schemas/test_presets_table3.py)
+TABLE_3 = [f"{m}-{d}-preact18" for m in ("rebat", "raat-sharp") for d in ("cifar10", "cifar100")]
 
 
 def test_raat_presets_are_tables_1_and_5():
     raat = {name for name, preset in PRESETS.items() if preset.source.startswith("RAAT")}
-    assert raat == {*TABLE_1, *TABLE_5}
+    assert raat == {*TABLE_1, *TABLE_5, *TABLE_3}
     assert (
         PRESETS["raat-cifar10-resnet18-linf"].source
         == "RAAT (Robust Alignment, 2026) Table 1 (linf, ResNet-18)"

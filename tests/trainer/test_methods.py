@@ -68,6 +68,8 @@ def test_every_method_is_registered():
         "pgd_at",
         "raat",
         "raat_pp",
+        "raat_sharp",
+        "rebat",
         "trades",
     ]
 

@@ -42,6 +42,8 @@ from trainer.methods import (  # noqa: E402, F401
     natural,
     pgd_at,
     raat,
+    raat_sharp,
+    rebat,
     trades,
 )
 

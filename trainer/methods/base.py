@@ -96,15 +96,31 @@ class Method:
     #: train on two random augmentations of every image (Cons-AT, RAAT): the loop then passes both
     #: views stacked, x[:B] and x[B:] being the two views of the same B images, and y repeated
     two_views: ClassVar[bool] = False
+    #: the loss reads the weight-averaged robust model (ReBAT, RAAT#): the loop passes it to
+    #: `compute_loss` as the keyword argument `averaged`, in the mode `averaged_mode` names
+    uses_averaged: ClassVar[bool] = False
 
     def __init__(self, spec: Any, threat: ThreatModel) -> None:
         self.spec = spec
         self.threat = threat
         self.epoch = 0
 
+    def setup(self, experiment: Any) -> None:
+        """Called once by the loop with the whole ExperimentSpec, for methods that depend on other parts
+        of it (ReBAT: the epoch at which weight averaging starts)."""
+
     def set_epoch(self, epoch: int) -> None:
         """Called by the loop before each epoch (0-based), for methods whose attack follows a schedule."""
         self.epoch = epoch
+
+    def averaged_mode(self) -> Mode:
+        """Mode of the averaged model while `compute_loss` runs (methods with `uses_averaged`)."""
+        return "eval"
+
+    def post_step_view(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """What the loop forwards after the update of a training-mode attack (see the loop): the
+        whole batch, or for RAAT# the first view only, as its script forwards X alone."""
+        return x, y
 
     def attack_config(self) -> AttackConfig | None:
         if self.attack_loss is None:
