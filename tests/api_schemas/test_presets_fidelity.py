@@ -62,7 +62,7 @@ def test_cat_cifar_presets_follow_train_cifar10():
 def test_cat_baselines_follow_their_own_code():
     at = get_preset("cat-baseline-at-cifar10-preact18")
     assert at.threat_model.model_mode == "train" and at.model.robust.normalize == "cifar10"
-    assert at.dataset.padding_mode == "reflect"
+    assert at.dataset.padding_mode == "reflect" and at.optimization.schedule.per_step
     assert (at.optimization.epochs, at.optimization.schedule.milestones) == (200, [100, 150])
     at100 = get_preset("cat-baseline-at-cifar100-preact18")
     assert at100.model.robust.normalize == "cifar100" and at100.dataset.padding_mode == "zeros"
