@@ -746,7 +746,7 @@ def _bgat_ensemble_presets() -> dict[str, Preset]:
         data.update(
             name=name,
             description=f"natural training of Inception-ResNet-v2 (32x32) on {dataset_key}: the second "
-            "member of BGAT's teacher ensemble, LBGAT paper Tables 1-2",
+            "member of BGAT's teacher ensemble, LBGAT paper Tables 1-2; fp32",
             model={"robust": {"name": "inception_resnet_v2"}},
             output={"dir": f"runs/{name}"},
         )
@@ -769,7 +769,7 @@ def _bgat_ensemble_presets() -> dict[str, Preset]:
             data.update(
                 name=name,
                 description=f"{label} on {dataset_key}, the teacher the mean logits of natural WRN-34-10 and "
-                f"Inception-ResNet-v2 models; LBGAT paper {table}",
+                f"Inception-ResNet-v2 models; LBGAT paper {table}; fp32",
                 output={"dir": f"runs/{name}"},
             )
             presets[name] = Preset(
@@ -823,7 +823,7 @@ def _table3_spec(key: str, dataset: str) -> dict[str, Any]:
     return {
         "name": name,
         "description": f"{label} on {dataset}, PreActResNet-18 with weight averaging; RAAT paper Table 3; "
-        f"best checkpoint on {where}",
+        f"best checkpoint on {where}; fp32 as the scripts",
         "method": method,
         "model": {"robust": {"name": "preact_resnet18", "normalize": "cifar10"}},
         "dataset": {
