@@ -126,6 +126,14 @@ class ResultRow(_Out):
     autoattack_accuracy: float | None = None
     nrr: float | None = None
     attacks: dict[str, float] = Field(default_factory=dict, description="accuracy under each attack")
+    precision: str | None = Field(
+        None, description="the precision the reported weights were trained in (fp32, tf32, bf16)"
+    )
+    selection_split: str | None = Field(
+        None,
+        description="where the reported checkpoint was selected: `test` (the papers' protocol: the "
+        "number is optimistic), `heldout` (training images held out), or None (the last epoch's)",
+    )
     finished_at: datetime | None = None
 
 

@@ -86,7 +86,8 @@ class Results:
 def result_fields(summary: dict[str, Any]) -> dict[str, Any]:
     """Leaderboard numbers from a summary.json: the best model's report where selection kept one
     (what the papers report), else the final model's."""
-    report = summary.get("best") or summary["final"]
+    selected = summary.get("best")
+    report = selected or summary["final"]
     attacks = {a["name"]: a["accuracy"] for a in report.get("attacks", [])}
     autoattack = [a["accuracy"] for a in report.get("attacks", []) if a.get("kind") == "autoattack"]
     return {
@@ -95,6 +96,12 @@ def result_fields(summary: dict[str, Any]) -> dict[str, Any]:
         "autoattack_accuracy": min(autoattack) if autoattack else None,
         "nrr": report.get("nrr"),
         "attacks": attacks,
+        # what the number means: trained in which precision, and selected on which split (a
+        # checkpoint picked on the test set reports an optimistic robust accuracy)
+        "precision": report.get("training_precision") or summary.get("precision"),
+        "selection_split": (report.get("selection_split") or summary.get("selection_split"))
+        if selected
+        else None,
     }
 
 
