@@ -28,8 +28,8 @@ def _bootstrap_admin(settings, url: str) -> None:  # type: ignore[no-untyped-def
     """Give a fresh local installation an admin whose token the CLI can find."""
     from sqlalchemy import select
 
-    from service import credentials
     from service.auth import create_user, issue_token
+    from service.client import credentials
     from service.db.engine import make_engine, run_tx, session_factory
     from service.db.migrate import upgrade
     from service.db.models import User

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from api_schemas.presets import PRESETS
-from service.cli import main
+from service.client.cli import main
 
 
 def _run(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -212,7 +212,7 @@ def test_train_bad_override_exits_2(capsys):
 def _lbgat(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
+        [sys.executable, "-m", "service.client.cli", *args],
         capture_output=True,
         text=True,
         env=env,

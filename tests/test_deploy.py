@@ -84,7 +84,7 @@ def dockerfile_of(service: dict[str, Any]) -> Path:
 
 
 def serve_flags() -> set[str]:
-    from service.cli import build_parser
+    from service.client.cli import build_parser
 
     parser = build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")

@@ -157,6 +157,6 @@ def eval_command(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    from service.cli import main
+    from service.client.cli import main
 
     sys.exit(main())

@@ -593,9 +593,9 @@ def test_result_records():
 
 def test_control_plane_imports_without_torch():
     code = (
-        "import api_schemas, api_schemas.presets, service.cli, sys\n"
+        "import api_schemas, api_schemas.presets, service.client.cli, sys\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
-        "assert service.cli.main(['presets', '--json']) == 0\n"
+        "assert service.client.cli.main(['presets', '--json']) == 0\n"
         "assert 'torch' not in sys.modules, 'torch imported by lbgat presets'\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -21,10 +21,9 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from api_schemas.jobs import JobState  # noqa: E402
 from api_schemas.presets import PRESETS  # noqa: E402
-from service import credentials  # noqa: E402
 from service.app import create_app  # noqa: E402
-from service.cli import main  # noqa: E402
-from service.client import ApiError, Client, ServiceUnreachable  # noqa: E402
+from service.client import ApiError, Client, ServiceUnreachable, credentials  # noqa: E402
+from service.client.cli import main  # noqa: E402
 from service.db.engine import make_engine, run_tx, session_factory  # noqa: E402
 from service.db.models import Event, Experiment  # noqa: E402
 from service.jobs import transition  # noqa: E402

@@ -29,7 +29,9 @@ SERVE_START_S, STOP_S = 180, 30
 def lbgat_command() -> list[str]:
     script = Path(sys.executable).with_name("lbgat")
     return (
-        [str(script)] if script.exists() else [sys.executable, "-c", "from service.cli import main; main()"]
+        [str(script)]
+        if script.exists()
+        else [sys.executable, "-c", "from service.client.cli import main; main()"]
     )
 
 

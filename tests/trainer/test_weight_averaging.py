@@ -149,7 +149,7 @@ def test_weight_averaging_spec_is_validated():
 def test_lbgat_eval_reads_the_averaged_weights(tmp_path, capsys):
     import json
 
-    from service.cli import main
+    from service.client.cli import main
 
     spec = _spec({"decay": 0.9}, optimization={"epochs": 1})
     run = TrainingRun(spec, out_dir=tmp_path)

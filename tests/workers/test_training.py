@@ -66,7 +66,7 @@ def test_two_workers_write_s3_and_match_single_process(s3_env, tmp_path):
     assert summary.final.clean_accuracy > 0.8
 
     # `lbgat eval` takes the checkpoint URL summary.json gives and fetches it from the store
-    from service.cli import main as lbgat
+    from service.client.cli import main as lbgat
 
     suite = tmp_path / "suite.yaml"
     suite.write_text("evaluation: {attacks: [{kind: fgsm}]}\n")

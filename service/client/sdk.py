@@ -43,7 +43,7 @@ from api_schemas.jobs import (
     TokenOut,
     UserOut,
 )
-from service import credentials
+from service.client import credentials
 
 # transport failures worth another try; anything else (a 4xx, a bad answer) is final
 _RETRYABLE_STATUS = frozenset({502, 503, 504})
