@@ -156,7 +156,9 @@ def pgd(
         raise ValueError(f"l2_variant: unknown value {l2_variant!r}; use 'default' or 'advertorch'")
     advertorch = norm == "l2" and l2_variant == "advertorch"
     if advertorch and (early_stop_tau is not None or step_noise > 0 or not clip or start_radius is not None):
-        raise ValueError("l2_variant: advertorch's l_2 PGD has no early stop, step noise, start radius or clip=False")
+        raise ValueError(
+            "l2_variant: advertorch's l_2 PGD has no early stop, step noise, start radius or clip=False"
+        )
     x = x.detach()
     p_clean = None
     if loss == "kl":
