@@ -382,7 +382,7 @@ def test_results_leaderboard_shows_a_finished_experiment(server: Server, capsys)
         a = client.submit({**_small_digits(), "name": "board-a"})
         b = client.submit({**_small_digits(), "name": "board-b"})
     row = {"clean_accuracy": 0.93, "robust_accuracy": 0.61, "autoattack_accuracy": 0.58, "nrr": 0.7365}
-    row["attacks"] = {"fgsm": 0.7, "pgd20": 0.61}
+    row |= {"attacks": {"fgsm": 0.7, "pgd20": 0.61}, "precision": "fp32", "selection_split": "test"}
     done = (JobState.dispatching, JobState.running, JobState.succeeded)
     _set_state(
         server, a.id, *done, results=row, clean_accuracy=0.93, robust_accuracy=0.61, autoattack_accuracy=0.58
@@ -395,9 +395,11 @@ def test_results_leaderboard_shows_a_finished_experiment(server: Server, capsys)
     assert [r["experiment_id"] for r in board] == [a.id, b.id]  # ranked by AutoAttack accuracy
     assert board[0]["clean_accuracy"] == 0.93 and board[0]["attacks"] == {"fgsm": 0.7, "pgd20": 0.61}
     assert (board[0]["owner"], board[0]["method"], board[0]["norm"]) == ("alice", "lbgat", "linf")
+    assert (board[0]["precision"], board[0]["selection_split"]) == ("fp32", "test")
 
     code, out, _ = _run(capsys, "results")
     assert code == 0 and a.id in out and "93.0%" in out and "58.0%" in out
+    assert "fp32 / test" in out and "chosen on the test set" in out
 
     code, out, _ = _run(capsys, "results", "--compare", a.id, b.id, "--json")
     comparison = json.loads(out)

@@ -192,14 +192,26 @@ def results_table(rows: list[Any], *, title: str, rank: bool = False) -> Any:
         "robust",
         "AA",
         "NRR",
+        "trained / selected",
     ]
     for column in columns:
-        text_column = column in ("id", "name", "owner", "method", "dataset", "threat")
+        text_column = column in ("id", "name", "owner", "method", "dataset", "threat", "trained / selected")
         table.add_column(column, no_wrap=column == "id", justify="left" if text_column else "right")
     for i, row in enumerate(rows, 1):
         cells = [str(i)] if rank else []
         cells += [row.experiment_id, row.name, row.owner, row.method, row.dataset, f"{row.norm} {row.eps:g}"]
         cells += [pct(row.clean_accuracy), *(pct(row.attacks.get(a)) for a in attacks)]
         cells += [pct(row.robust_accuracy), pct(row.autoattack_accuracy), pct(row.nrr)]
+        cells.append(_provenance_cell(row))
         table.add_row(*cells)
+    if any(getattr(row, "selection_split", None) == "test" for row in rows):
+        table.caption = "selected on test: the checkpoint was chosen on the test set (the papers' protocol)"
     return table
+
+
+def _provenance_cell(row: Any) -> str:
+    """`fp32 / test`: the precision the weights were trained in and the split their checkpoint was
+    selected on (`last` when the last epoch's model is reported)."""
+    precision = getattr(row, "precision", None) or "-"
+    split = getattr(row, "selection_split", None)
+    return f"{precision} / {'[yellow]test[/]' if split == 'test' else split or 'last'}"
