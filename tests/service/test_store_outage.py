@@ -140,7 +140,9 @@ def _outage(api: Api, server: Any, store: S3Store, go_dir: Path) -> None:
     # The service is up and says what is wrong.
     assert alice.http.get("/healthz").json() == {"status": "ok"}
     ready = api.client().get("/readyz")
-    assert ready.status_code == 503 and ready.json()["checks"]["store"].startswith("not ready: StoreUnavailable")
+    assert ready.status_code == 503 and ready.json()["checks"]["store"].startswith(
+        "not ready: StoreUnavailable"
+    )
     # The scheduler keeps serving rounds, and short ones (no store retries inside a round).
     during = [seconds for ended, seconds in scheduler.round_times if ended > down_at]
     assert scheduler.rounds - rounds_before >= 10, "the scheduler stopped serving rounds"
