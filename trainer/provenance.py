@@ -39,7 +39,7 @@ def provenance(device: torch.device | None = None) -> dict[str, Any]:
         "package": _version("lbgat-orchestrator"),
         "git_revision": _git_revision(),
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a plain str: TorchVersion is a class checkpoints refuse
         "pyautoattack": _version("pyautoattack"),
         "device": str(device) if device is not None else None,
     }

@@ -145,10 +145,12 @@ def _fingerprint(base: Path, paths: list[Path], labels: list[int], resize_to: in
 
 
 def _read_cache(cache: Path, fingerprint: str, n: int) -> torch.Tensor | None:
+    from ..checkpoint import safe_load
+
     if not cache.is_file():
         return None
     try:
-        blob = torch.load(cache, map_location="cpu", weights_only=True)
+        blob = safe_load(cache, max_bytes=None)  # weights_only; its size follows the dataset
         images = blob["images"]
         if blob.get("fingerprint") != fingerprint or images.dtype != torch.uint8 or images.shape[0] != n:
             log.info("ignoring stale cache %s", cache)
