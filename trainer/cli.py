@@ -119,22 +119,26 @@ def _suite(args: argparse.Namespace, own: EvaluationSpec) -> EvaluationSpec:
 def eval_command(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from trainer.checkpoint import load_model, read_checkpoint
+    from trainer.checkpoint import CheckpointError, load_model, read_checkpoint
     from trainer.evaluation import evaluate
     from trainer.loop import Runtime, load_datasets
 
     _setup_logging()
-    payload = read_checkpoint(args.checkpoint)
-    spec = parse_spec(payload["spec"], source=f"checkpoint {args.checkpoint}")
-    suite = _suite(args, spec.evaluation)
-    rt = Runtime.resolve(spec, args.device)
     weights = getattr(args, "weights", "model")
-    model = load_model(
-        args.checkpoint,
-        which=args.which,
-        weights="ema" if weights == "averaged" else "model",
-        device=rt.device,
-    )
+    try:
+        payload = read_checkpoint(args.checkpoint)
+        spec = parse_spec(payload["spec"], source=f"checkpoint {args.checkpoint}")
+        rt = Runtime.resolve(spec, args.device)
+        model = load_model(
+            args.checkpoint,
+            which=args.which,
+            weights="ema" if weights == "averaged" else "model",
+            device=rt.device,
+        )
+    except CheckpointError as exc:  # an untrusted or foreign file: say why, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    suite = _suite(args, spec.evaluation)
     test = load_datasets(spec).test
     report = evaluate(model, test, suite, spec.threat_model, device=rt.device, progress=True)
     label = getattr(args, "label", None) or str(args.checkpoint)  # a store URL when fetched from there

@@ -80,21 +80,32 @@ def test_the_crafted_pickle_runs_code_when_unpickled(tmp_path):
 
 
 def _eval_cli(path: Path, tmp: Path) -> None:
+    """`lbgat eval` prints the refusal as one `error:` line and exits 2 (no traceback); the line is
+    raised again here so that every entry point is checked the same way."""
+    import contextlib
+    import io
+
     from trainer.cli import eval_command
 
-    eval_command(
-        argparse.Namespace(
-            checkpoint=str(path),
-            which="robust",
-            weights="model",
-            suite=None,
-            n_examples=None,
-            device="cpu",
-            out=None,
-            json=True,
-            label=None,
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = eval_command(
+            argparse.Namespace(
+                checkpoint=str(path),
+                which="robust",
+                weights="model",
+                suite=None,
+                n_examples=None,
+                device="cpu",
+                out=None,
+                json=True,
+                label=None,
+            )
         )
-    )
+    lines = stderr.getvalue().strip().splitlines()
+    assert code == 2 and lines[-1].startswith("error: "), (code, lines)
+    assert "Traceback" not in stderr.getvalue()
+    raise CheckpointError(lines[-1].removeprefix("error: "))
 
 
 def _resume(path: Path, tmp: Path) -> None:
