@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import secrets
 import sys
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -48,15 +47,3 @@ def service(service_env, tmp_path) -> Iterator[LocalService]:
 
 def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
-
-
-def wait_for(fn, *, timeout_s: float, what: str, interval_s: float = 0.2):
-    """Poll `fn` until it returns a truthy value; fail naming `what` and the last value seen."""
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}; last: {last!r}")

@@ -11,7 +11,8 @@ import time
 import httpx
 
 from api_schemas.presets import get_preset
-from tests.e2e.conftest import LocalService, auth, wait_for
+from tests.e2e.conftest import LocalService, auth
+from tests.waiting import wait_for
 
 # A short LBGAT run on the digits set: 3 epochs, a small evaluation with AutoAttack on 60 images.
 FAST = [

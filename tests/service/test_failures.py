@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from service.db.models import Base
 from service.ray_jobs import RayJobs
 from service.scheduler import LOG_TAIL_CHARS, LOG_TAIL_LINES, MAX_ERROR_CHARS, describe_failure
 from tests.service.conftest import digits_spec, running_api
+from tests.waiting import wait_for
 from workers.run import EXIT_BAD_INPUT
 
 PY = shlex.quote(sys.executable)
@@ -39,17 +39,6 @@ print("error: job bad-input: invalid spec: optimization.lr: Input should be grea
 sys.exit(int(sys.argv[1]))
 """
 ERROR_LINE = "error: job bad-input: invalid spec: optimization.lr: Input should be greater than 0"
-
-
-def wait_for(fn: Any, *, timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}; last: {last!r}")
 
 
 def test_bad_input_fails_at_once_with_one_clean_error_line(

@@ -26,6 +26,7 @@ import pytest
 from service.ray_jobs import RayJobs
 from service.store_health import StoreMonitor
 from tests.service.conftest import Api, Person, digits_spec, running_api
+from tests.waiting import wait_for
 from workers.dev_s3 import find_weed, seaweedfs
 from workers.storage import LocalStore, S3Store, StoreUnavailable
 
@@ -40,17 +41,6 @@ while not go.exists():
     time.sleep(0.05)
 print("done")
 """
-
-
-def wait_for(fn: Any, *, timeout_s: float, what: str, interval_s: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}; last: {last!r}")
 
 
 def detail(person: Person, exp_id: str) -> dict[str, Any]:
