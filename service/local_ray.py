@@ -119,6 +119,11 @@ class LocalRay:
                 "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
                 **(env or {}),
                 **self.env,
+                # Processes of this head that look their cluster up by themselves (Ray Train's
+                # placement-group cleaner asks the state API with no address) would otherwise read
+                # /tmp/ray/ray_current_cluster, which the newest `ray start` on the machine owns: a
+                # second head, or one that died, and the cleaner's thread dies with it.
+                "RAY_ADDRESS": self.address,
             },
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -97,3 +97,16 @@ def test_workers_run_without_the_clusters_token_fails_at_once_saying_what_to_set
         last = result.stderr.strip().splitlines()[-1]
         assert last.startswith("error: the Ray cluster at 127.0.0.1:") and "RAY_AUTH_TOKEN" in last
         assert "Traceback" not in result.stderr
+
+
+def test_the_processes_of_a_local_head_know_their_own_cluster(ray_head):
+    """In-cluster lookups with no address (Ray Train's placement-group cleaner asks the state API)
+    must find this head, not whatever /tmp/ray/ray_current_cluster names: the newest `ray start` on
+    the machine, maybe one that has died since."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def where() -> tuple[str | None, str | None]:
+        return os.environ.get("RAY_ADDRESS"), os.environ.get("RAY_AUTH_MODE")
+
+    assert ray.get(where.remote(), timeout=60) == (ray_head.address, "token")
