@@ -154,7 +154,12 @@ def _outage(api: Api, server: Any, store: S3Store, go_dir: Path) -> None:
 
     assert done["attempts"] == 1 and detail(alice, finishing)["attempts"] == 1
     assert history(alice, finishing) == ["queued", "dispatching", "running", "succeeded"]
-    assert history(alice, queued) == [*events_before, "dispatching", "running", "succeeded"]
+    # A SeaweedFS just restarted can still time out a write or two (a loaded 2-core CI box): a
+    # dispatch that fails then gives the job back to the queue, uncharged, before the one that runs.
+    after = history(alice, queued)[len(events_before) :]
+    while after[:2] == ["dispatching", "queued"]:
+        after = after[2:]
+    assert after == ["dispatching", "running", "succeeded"], history(alice, queued)
     for exp_id in (finishing, queued):  # what was written before and after the outage is there
         assert store.get_json(f"experiments/{exp_id}/spec.json")["name"] in ("finishing", "queued")
     assert api.client().get("/readyz").status_code == 200
