@@ -15,20 +15,13 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from workers.ray_auth import ensure_token_file, local_ray_env, read_token_file
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from workers.ray_auth import ensure_token_file, free_port, local_ray_env, read_token_file
 
 
 def _ray_cli() -> str:

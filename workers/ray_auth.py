@@ -96,7 +96,8 @@ def find_ray_token(explicit: str | None = None) -> str | None:
     return None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -113,8 +114,8 @@ def local_ray_env(token_file: str | Path) -> dict[str, str]:
         ENV_TOKEN: read_token_file(path),
         ENV_TOKEN_PATH: str(path),
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-        "AUTOSCALER_METRIC_PORT": str(_free_port()),
-        "DASHBOARD_METRIC_PORT": str(_free_port()),
+        "AUTOSCALER_METRIC_PORT": str(free_port()),
+        "DASHBOARD_METRIC_PORT": str(free_port()),
     }
 
 

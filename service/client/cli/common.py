@@ -39,6 +39,20 @@ def positive_int(text: str) -> int:
 positive_int.__name__ = "_positive_int"
 
 
+def add_spec_source(parser: argparse.ArgumentParser) -> None:
+    """The spec a command runs: a file, or a named preset, with `--set` overrides (train, submit)."""
+    parser.add_argument("spec", nargs="?", help="spec file (YAML or JSON)")
+    parser.add_argument("--preset", help="a named preset instead of a spec file (see `lbgat presets`)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY.PATH=VALUE",
+        help="override a spec field, e.g. --set optimization.epochs=5 (repeatable)",
+    )
+
+
 def server_parent(*, url_alias: bool = True) -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     flags = ["--server", "--url"] if url_alias else ["--server"]

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from api_schemas import SpecError
 from service.client.cli.common import (
     STATE_STYLE,
+    add_spec_source,
     console,
     json_parent,
     metric_text,
@@ -334,16 +335,7 @@ def register(sub: Any) -> None:
     both = [server, json_parent()]
 
     submit = sub.add_parser("submit", parents=both, help="queue a spec on the service (validated here first)")
-    submit.add_argument("spec", nargs="?", help="spec file (YAML or JSON)")
-    submit.add_argument("--preset", help="a named preset instead of a spec file (see `lbgat presets`)")
-    submit.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY.PATH=VALUE",
-        help="override a spec field, e.g. --set optimization.epochs=5 (repeatable)",
-    )
+    add_spec_source(submit)
     submit.add_argument("--priority", type=int, default=0, help="-100..100, higher runs first (default 0)")
     submit.add_argument("--max-attempts", type=positive_int, help="Ray job attempts before `failed`")
     submit.add_argument("--tag", dest="tags", action="append", default=[], help="a label (repeatable)")

@@ -9,7 +9,7 @@ import sys
 from typing import Any
 
 from api_schemas.presets import Preset, list_presets
-from service.client.cli.common import positive_int
+from service.client.cli.common import add_spec_source, positive_int
 
 
 def _preset_record(p: Preset) -> dict[str, Any]:
@@ -113,16 +113,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     train = sub.add_parser("train", help="train one spec in this process and evaluate it")
-    train.add_argument("spec", nargs="?", help="spec file (YAML or JSON)")
-    train.add_argument("--preset", help="a named preset instead of a spec file (see `lbgat presets`)")
-    train.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY.PATH=VALUE",
-        help="override a spec field, e.g. --set optimization.epochs=5 (repeatable)",
-    )
+    add_spec_source(train)
     train.add_argument("--out", help="output folder (default: the spec's output.dir or runs/<name>)")
     train.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override runtime.device")
     train.add_argument(
