@@ -37,7 +37,6 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.stopping = False
-        self.received: int | None = None
         self._originals: dict[int, Any] = {}
 
     def begin(self) -> None:
@@ -53,7 +52,6 @@ class StopSignals:
             )
             return
         self.stopping = True
-        self.received = signum
         raise Stopped(signum)
 
     def __enter__(self) -> StopSignals:
