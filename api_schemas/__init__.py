@@ -4,6 +4,7 @@ Only pydantic (and PyYAML for spec files) may be imported here so that the contr
 CLI load without torch.
 """
 
+from api_schemas.protocols import EvaluationSuite, Protocol, get_protocol, list_protocols
 from api_schemas.results import AttackResult, EpochMetrics, EvalReport, TrainSummary
 from api_schemas.spec import (
     ALPMethod,
@@ -60,6 +61,7 @@ __all__ = [
     "EpochMetrics",
     "EvalReport",
     "EvaluationSpec",
+    "EvaluationSuite",
     "ExperimentSpec",
     "FATMethod",
     "FGSMAttackSpec",
@@ -72,6 +74,7 @@ __all__ = [
     "OptimizationSpec",
     "PGDATMethod",
     "PGDAttackSpec",
+    "Protocol",
     "RAATMethod",
     "RAATPPMethod",
     "RAATSharpMethod",
@@ -89,6 +92,8 @@ __all__ = [
     "TransferAttackSpec",
     "WeightAveragingSpec",
     "apply_overrides",
+    "get_protocol",
+    "list_protocols",
     "load_spec",
     "parse_spec",
     "read_spec_file",

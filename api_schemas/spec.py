@@ -685,6 +685,18 @@ def lbgat_protocol() -> list[AttackSpec]:
 
 
 class EvaluationSpec(_Strict):
+    """Training's final evaluation: a protocol by name (api_schemas.protocols) or an inline suite.
+
+    With `protocol`, the attacks (and n_examples, unless given) are the protocol's, pinned to its
+    version when the spec is validated; evaluation jobs run the same suite with the same code.
+    """
+
+    protocol: str | None = Field(
+        None,
+        max_length=80,
+        pattern=r"^[a-z0-9][a-z0-9-]{0,63}(@[0-9]{1,5})?$",
+        description="a protocol id ('lbgat') or 'id@version'; replaces `attacks`",
+    )
     attacks: list[AttackSpec] = Field(default_factory=lbgat_protocol, max_length=MAX_LIST)
     n_examples: int | None = Field(
         None, ge=1, le=MAX_EXAMPLES, description="evaluate on the first n test images"
@@ -1028,6 +1040,41 @@ class ExperimentSpec(_Strict):
                     raise ValueError(
                         f"{section}.weights: 'averaged' needs optimization.weight_averaging (e.g. {{decay: 0.999}})"
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _protocol_resolved(self) -> ExperimentSpec:
+        """`evaluation.protocol` names the attacks: pin it to a version and copy its attacks in (a
+        stored spec then validates again with the same attacks, and says exactly what ran)."""
+        evaluation = self.evaluation
+        if evaluation.protocol is None:
+            return self
+        from api_schemas.protocols import UnknownProtocol, get_protocol
+
+        try:
+            protocol = get_protocol(evaluation.protocol)
+        except UnknownProtocol as exc:
+            raise ValueError(f"evaluation.protocol: {exc}") from None
+        if self.dataset.name not in protocol.datasets:
+            raise ValueError(
+                f"evaluation.protocol: {protocol.key} is defined for {', '.join(protocol.datasets)}, "
+                f"not {self.dataset.name}"
+            )
+        if protocol.norm != self.threat_model.norm:
+            raise ValueError(
+                f"evaluation.protocol: {protocol.key} attacks in {protocol.norm}; this run trains against "
+                f"{self.threat_model.norm}"
+            )
+        attacks = protocol.suite.resolved_attacks()
+        given = "attacks" in evaluation.model_fields_set
+        if given and [a.model_dump() for a in evaluation.attacks] != [a.model_dump() for a in attacks]:
+            raise ValueError(
+                f"evaluation.attacks: protocol {protocol.key} names the attacks; remove `attacks` or `protocol`"
+            )
+        evaluation.protocol = protocol.key
+        evaluation.attacks = attacks
+        if evaluation.n_examples is None and protocol.suite.n_examples is not None:
+            evaluation.n_examples = protocol.suite.n_examples
         return self
 
     @model_validator(mode="after")
