@@ -20,7 +20,7 @@ Objective = Literal["ce", "kl", "cw"]
 RandomStart = Literal["none", "uniform", "normal"]
 L2Variant = Literal["default", "advertorch"]
 
-__all__ = ["cw_margin", "fgsm", "pgd", "project"]
+__all__ = ["cw_margin", "fgsm", "initial_point", "pgd", "project"]
 
 _TINY = 1e-12
 
@@ -100,6 +100,26 @@ def _start(
     raise ValueError(f"random_start: unknown value {random_start!r}; use 'none', 'uniform' or 'normal'")
 
 
+def initial_point(
+    x: Tensor,
+    *,
+    eps: float,
+    norm: Norm,
+    random_start: RandomStart,
+    generator: torch.Generator | None = None,
+    start_radius: float | None = None,
+    clip: bool = True,
+    l2_variant: L2Variant = "default",
+) -> Tensor:
+    """PGD's starting point for `x`, drawn from `generator` (the global one when None): what `pgd`
+    starts from with these arguments. A caller that wants each example's start to be independent of
+    the batch it is attacked in draws all of them here at once and hands slices to `pgd(x_init=...)`
+    (the evaluation does, so that sharding and skipped examples change no example's start)."""
+    if norm == "l2" and l2_variant == "advertorch" and random_start == "uniform":
+        return _advertorch_l2_start(x, eps, generator)
+    return _start(x, eps, norm, random_start, generator, start_radius, clip)
+
+
 def pgd(
     model: nn.Module,
     x: Tensor,
@@ -119,6 +139,7 @@ def pgd(
     start_radius: float | None = None,
     clip: bool = True,
     l2_variant: L2Variant = "default",
+    x_init: Tensor | None = None,
 ) -> Tensor:
     """Projected gradient ascent on `loss` within the `norm` ball of radius eps around x.
 
@@ -145,6 +166,8 @@ def pgd(
     tau, so tau=0 stops at the first misclassified iterate and tau=k takes k more steps on
     misclassified iterates. Frozen examples are not forwarded again (the official code drops them
     from the batch too). `step_noise` adds omega * N(0, 1) to every step, FAT's `omega`.
+
+    `x_init` is the starting point, already drawn (see `initial_point`); `random_start` is then unused.
     """
     if eps <= 0 or step_size <= 0 or steps < 0:
         raise ValueError(f"eps, step_size must be > 0 and steps >= 0 (got {eps}, {step_size}, {steps})")
@@ -166,10 +189,21 @@ def pgd(
             with torch.no_grad():
                 logits_clean = model(x)
         p_clean = F.softmax(logits_clean.detach().float(), dim=1)
-    if advertorch and random_start == "uniform":
-        x_adv = _advertorch_l2_start(x, eps, generator)
+    if x_init is not None:
+        if x_init.shape != x.shape:
+            raise ValueError(f"x_init: shape {tuple(x_init.shape)} differs from x's {tuple(x.shape)}")
+        x_adv = x_init.detach().to(device=x.device, dtype=x.dtype).clone()
     else:
-        x_adv = _start(x, eps, norm, random_start, generator, start_radius, clip)
+        x_adv = initial_point(
+            x,
+            eps=eps,
+            norm=norm,
+            random_start=random_start,
+            generator=generator,
+            start_radius=start_radius,
+            clip=clip,
+            l2_variant=l2_variant,
+        )
     if early_stop_tau is not None:
         return _pgd_early_stopped(
             model,

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from api_schemas import EpochMetrics, EvalReport, ExperimentSpec, TrainSummary
+from api_schemas import DatasetSpec, EpochMetrics, EvalReport, ExperimentSpec, TrainSummary
 from api_schemas.results import nrr
 from trainer import checkpoint as ckpt
 from trainer.data import ArrayDataset, DeviceLoader, load_dataset
@@ -88,18 +88,28 @@ class Datasets:
     test: ArrayDataset
 
 
+def _split_args(ds: DatasetSpec) -> dict[str, Any]:
+    # Splits made in code (digits train/test, the held-out validation images) are fixed, not drawn
+    # from spec.seed: runs with different seeds must be scored on the same test images.
+    return {"root": ds.root, "download": ds.download, "resize_to": ds.resize_to, "seed": 0}
+
+
+def load_test_split(ds: DatasetSpec) -> ArrayDataset:
+    """The test split a spec's dataset section describes (dataset.test_limit applied; CPU tensors):
+    what training's final evaluation and evaluation jobs score."""
+    test = load_dataset(ds.name, train=False, n_synthetic=max(ds.synthetic_size // 4, 16), **_split_args(ds))
+    if ds.test_limit is not None:
+        test = test.subset(torch.arange(min(ds.test_limit, len(test))))
+    return test
+
+
 def load_datasets(spec: ExperimentSpec) -> Datasets:
     """Training, held-out validation and test sets as the spec describes them (CPU tensors)."""
     ds = spec.dataset
-    # Splits made in code (digits train/test, the held-out validation images) are fixed, not drawn
-    # from spec.seed: runs with different seeds must be scored on the same test images.
-    common = {"root": ds.root, "download": ds.download, "resize_to": ds.resize_to, "seed": 0}
-    train = load_dataset(ds.name, train=True, n_synthetic=ds.synthetic_size, **common)
-    test = load_dataset(ds.name, train=False, n_synthetic=max(ds.synthetic_size // 4, 16), **common)
+    train = load_dataset(ds.name, train=True, n_synthetic=ds.synthetic_size, **_split_args(ds))
+    test = load_test_split(ds)
     if ds.train_limit is not None:
         train = train.subset(torch.arange(min(ds.train_limit, len(train))))
-    if ds.test_limit is not None:
-        test = test.subset(torch.arange(min(ds.test_limit, len(test))))
     val = None
     if ds.val_size:
         if ds.val_size >= len(train):
