@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import Enum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -139,6 +139,9 @@ class ResultRow(_Out):
 
 class ExperimentOut(_Out):
     id: str
+    kind: Literal["training", "evaluation"] = Field(
+        "training", description="a training run (spec: ExperimentSpec) or an evaluation (EvaluationJobSpec)"
+    )
     name: str
     owner: str
     team: str

@@ -65,7 +65,8 @@ def dotted(loc: tuple[Any, ...] | list[Any]) -> str:
 
 
 async def _job_error(request: Request, exc: JobError) -> JSONResponse:
-    return _error(exc.status, str(exc))
+    # a refusal that names fields (service.evaluations.Invalid) lists them as a 422 of validation does
+    return _error(exc.status, str(exc), getattr(exc, "errors", None))
 
 
 async def _spec_error(request: Request, exc: SpecError) -> JSONResponse:

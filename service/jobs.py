@@ -119,8 +119,57 @@ def create_experiment(
 ) -> tuple[Experiment, bool]:
     """Queue a validated spec. Returns (experiment, created); a repeated idempotency key returns the
     first experiment (created=False) when the spec is the same, and refuses a different spec."""
-    data = spec.model_dump(mode="json")
-    digest = spec_hash(data)
+    gpus, cpus = requested_resources(spec)
+    return queue_job(
+        session,
+        owner=owner,
+        kind="training",
+        name=spec.name,
+        spec_data=spec.model_dump(mode="json"),
+        method=spec.method.name,
+        dataset=spec.dataset.name,
+        norm=spec.threat_model.norm,
+        eps=float(spec.threat_model.eps),
+        model=spec.model.robust.name,
+        is_sweep=spec.sweep is not None,
+        gpus=gpus,
+        cpus=cpus,
+        use_gpu=spec.resources.use_gpu,
+        settings=settings,
+        priority=priority,
+        max_attempts=max_attempts,
+        tags=tags,
+        idempotency_key=idempotency_key,
+        cluster_has_gpus=cluster_has_gpus,
+    )
+
+
+def queue_job(
+    session: Session,
+    *,
+    owner: User,
+    kind: str,
+    name: str,
+    spec_data: dict[str, Any],
+    method: str,
+    dataset: str,
+    norm: str,
+    eps: float,
+    model: str,
+    is_sweep: bool,
+    gpus: float,
+    cpus: float,
+    use_gpu: bool | None,
+    settings: ServiceSettings,
+    priority: int = 0,
+    max_attempts: int | None = None,
+    tags: list[str] | None = None,
+    idempotency_key: str | None = None,
+    cluster_has_gpus: bool | None = None,
+) -> tuple[Experiment, bool]:
+    """Put a job of either kind (a training spec, an evaluation job spec) in the queue: one row, one
+    `queued` event. The same idempotency key with the same spec returns the first job (created=False)."""
+    digest = spec_hash(spec_data)
     if idempotency_key is not None:
         existing = session.scalar(
             select(Experiment).where(
@@ -135,30 +184,30 @@ def create_experiment(
                     status=409,
                 )
             return existing, False
-    gpus, cpus = requested_resources(spec)
-    if cluster_has_gpus is False and spec.resources.use_gpu is None:
+    if cluster_has_gpus is False and use_gpu is None:
         gpus = 0.0  # auto on a CPU-only cluster: the run will not ask Ray for GPUs
     charge = gpus if gpus > 0 else cpus * settings.cpu_gpu_equivalent
     now = utcnow()
     exp = Experiment(
-        id=new_experiment_id(spec.name),
-        name=spec.name,
+        id=new_experiment_id(name),
+        kind=kind,
+        name=name,
         owner_id=owner.id,
         team_id=owner.team_id,
         state=JobState.queued.value,
         priority=priority,
         tags=list(tags or []),
-        method=spec.method.name,
-        dataset=spec.dataset.name,
-        norm=spec.threat_model.norm,
-        eps=float(spec.threat_model.eps),
-        model=spec.model.robust.name,
-        is_sweep=spec.sweep is not None,
+        method=method,
+        dataset=dataset,
+        norm=norm,
+        eps=eps,
+        model=model,
+        is_sweep=is_sweep,
         gpus=gpus,
-        gpu_optional=spec.resources.use_gpu is None,
+        gpu_optional=use_gpu is None,
         cpus=cpus,
         charge_rate=charge,
-        spec=data,
+        spec=spec_data,
         spec_hash=digest,
         idempotency_key=idempotency_key,
         attempts=0,
@@ -327,10 +376,12 @@ def list_experiments(
     state: list[JobState] | None = None,
     method: str | None = None,
     dataset: str | None = None,
+    kind: str | None = None,
     limit: int = 50,
     cursor: str | None = None,
 ) -> tuple[list[Experiment], str | None]:
-    """Newest first, `limit` per page, keyset pagination on (created_at, id)."""
+    """Newest first, `limit` per page, keyset pagination on (created_at, id); `kind` picks training
+    runs or evaluations (default: both, the queue as it is)."""
     query = select(Experiment)
     if not viewer.is_admin:
         query = query.where(Experiment.team_id == viewer.team_id)
@@ -344,6 +395,8 @@ def list_experiments(
         query = query.where(Experiment.method == method)
     if dataset:
         query = query.where(Experiment.dataset == dataset)
+    if kind:
+        query = query.where(Experiment.kind == kind)
     if cursor:
         at, exp_id = decode_cursor(cursor)
         query = query.where(
@@ -392,6 +445,7 @@ def to_out(
     base = settings.dashboard_base()
     return ExperimentOut(
         id=exp.id,
+        kind=exp.kind,
         name=exp.name,
         owner=exp.owner.name,
         team=exp.team.name,
@@ -452,7 +506,9 @@ def leaderboard(
 ) -> list[ResultRow]:
     """Finished experiments of the viewer's team ranked by AutoAttack accuracy, then the worst attack."""
     query = select(Experiment).where(
-        Experiment.state == JobState.succeeded.value, Experiment.results.is_not(None)
+        Experiment.kind == "training",
+        Experiment.state == JobState.succeeded.value,
+        Experiment.results.is_not(None),
     )
     if not viewer.is_admin:
         query = query.where(Experiment.team_id == viewer.team_id)

@@ -750,14 +750,14 @@ class Scheduler:
             exp = session.get(Experiment, exp_id)
             if exp is None:
                 return
-            is_sweep = exp.is_sweep
+            is_sweep, kind = exp.is_sweep, exp.kind
         try:
-            results = ingest.read_results(self._store, exp_id, is_sweep=is_sweep)
+            results = ingest.read_results(self._store, exp_id, is_sweep=is_sweep, kind=kind)
         except StoreUnavailable as exc:
             self.store_monitor.record_failure(exc)
             log.warning("%s succeeded; its results will be read when the store answers: %s", exp_id, exc)
             return
-        except StoreError as exc:  # no summary written, or a refusal that retrying cannot fix
+        except (StoreError, ValueError) as exc:  # no summary written, an unreadable one, or a refusal
             log.warning("%s succeeded but its results cannot be read: %s", exp_id, exc)
             results = None
 
@@ -767,6 +767,7 @@ class Scheduler:
                 return
             fields = {}
             if results is not None:
+                # trials' summaries, and the (checkpoint, protocol) row of eval_results
                 ingest.apply_results(session, exp, results)
                 fields = {
                     "results": results.row,

@@ -113,6 +113,12 @@ class ServiceSettings(BaseSettings):
         description="largest spec stored for a job, as the JSON of the resolved spec: defaults are "
         "filled in and YAML aliases multiply what they point to, so it can exceed the body it came in",
     )
+    max_upload_bytes: int = Field(
+        2 * 1024**3,
+        ge=1024,
+        description="largest checkpoint upload (POST /v1/checkpoints), in bytes: a larger body is refused "
+        "with 413 as it arrives, and an archive that declares more unpacked bytes is refused with 422",
+    )
     max_page_size: int = Field(200, ge=1, description="largest `limit` of a list request")
     presign_expiry_s: int = Field(900, ge=60, le=7 * 24 * 3600)
     cors_origins: list[str] = Field(default_factory=list)

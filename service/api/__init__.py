@@ -3,11 +3,23 @@
 from fastapi import APIRouter, Depends
 
 from service.api.openapi import reject_undeclared_query
-from service.api.routes import artifacts, experiments, health, results, users
+from service.api.routes import (
+    artifacts,
+    checkpoints,
+    evaluations,
+    experiments,
+    health,
+    protocols,
+    results,
+    users,
+)
 
 api_router = APIRouter(prefix="/v1", dependencies=[Depends(reject_undeclared_query)])
 api_router.include_router(experiments.router)
 api_router.include_router(artifacts.router)
+api_router.include_router(evaluations.router)
+api_router.include_router(checkpoints.router)
+api_router.include_router(protocols.router)
 api_router.include_router(results.router)
 api_router.include_router(users.router)
 

@@ -97,6 +97,10 @@ def get_admin_user(user: Annotated[User, Depends(get_current_user)]) -> User:
 NO_NUL = r"^[^\x00]*$"
 NoNulStr = Annotated[str, StringConstraints(pattern=NO_NUL)]
 ExperimentId = Annotated[str, Path(pattern=NO_NUL, description="an experiment's id, e.g. lbgat-c10-1a2b3c4d")]
+EvaluationId = Annotated[
+    str,
+    Path(pattern=NO_NUL, description="an evaluation's id (a job of the queue), e.g. eval-lbgat-c10-1a2b3c4d"),
+]
 
 SettingsDep = Annotated[ServiceSettings, Depends(get_settings)]
 SessionsDep = Annotated[sessionmaker[Session], Depends(get_sessions)]

@@ -2,8 +2,9 @@
 
 FastAPI documents what it validates itself; what it cannot see is added here:
 
-* Schemas only referenced by hand-written parts of the document: the submit route reads its body
-  itself (JSON or YAML) and declares it with `openapi_extra` as `#/components/schemas/ExperimentCreate`;
+* Schemas only referenced by hand-written parts of the document: the submit routes read their bodies
+  themselves (within the body limit) and declare them with `openapi_extra` as
+  `#/components/schemas/ExperimentCreate` (JSON or YAML), `EvaluationCreate` and `BulkEvaluation`;
   the artifact download declares `ArtifactLink` next to the raw object. Their models are added to
   `components` here (`EXTRA_SCHEMAS`).
 * What a submitted spec must be: the model types it as a plain object (the route validates it
@@ -11,8 +12,8 @@ FastAPI documents what it validates itself; what it cannot see is added here:
   the document says that, for the JSON body's `spec` and for a YAML upload. Rules across fields
   (a teacher for LBGAT, a step no larger than the radius, ...) are checked too and have no JSON
   Schema; they answer 422 naming the fields.
-* Bounds that come from settings: `GET /v1/experiments?limit=` is at most `max_page_size` of this
-  deployment (the route checks it), so the document says so.
+* Bounds that come from settings: `GET /v1/experiments?limit=` and `GET /v1/evaluations?limit=` are at
+  most `max_page_size` of this deployment (the routes check it), so the document says so.
 * That an optional parameter is absent, never null: FastAPI writes `anyOf: [T, {type: null}]` for
   `T | None = None`, but a query string or header has no null (`?after=null` is the string "null",
   a 422), so the null branch is dropped from parameters (bodies keep theirs: JSON has null).
@@ -36,12 +37,21 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from api_schemas import ExperimentSpec
+from api_schemas.evaluations import BulkEvaluation, EvaluationCreate
 from api_schemas.jobs import ArtifactLink, ExperimentCreate
 from service.metrics import route_template
 from service.settings import ServiceSettings
 
 REF_PREFIX = "#/components/schemas/"
-EXTRA_SCHEMAS: tuple[type[BaseModel], ...] = (ExperimentCreate, ArtifactLink, ExperimentSpec)
+EXTRA_SCHEMAS: tuple[type[BaseModel], ...] = (
+    ExperimentCreate,
+    ArtifactLink,
+    ExperimentSpec,
+    EvaluationCreate,
+    BulkEvaluation,
+)
+# list operations whose `limit` is bounded by the deployment's max_page_size
+PAGED = ("/v1/experiments", "/v1/evaluations")
 SUBMIT = ("/v1/experiments", "post")
 
 
@@ -65,12 +75,24 @@ def dangling_refs(document: dict[str, Any]) -> list[str]:
     )
 
 
+def _canonical(node: Any) -> Any:
+    """A schema as far as it constrains data: FastAPI's generator leaves out `default: null` and writes
+    integral bounds as floats (1.0) where pydantic's writes them as integers, for the same model."""
+    if isinstance(node, dict):
+        return {k: _canonical(v) for k, v in node.items() if not (k == "default" and v is None)}
+    if isinstance(node, list):
+        return [_canonical(v) for v in node]
+    if isinstance(node, float) and node.is_integer():
+        return int(node)
+    return node
+
+
 def _add_schemas(document: dict[str, Any], models: tuple[type[BaseModel], ...]) -> None:
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
     for model in models:
         schema = model.model_json_schema(ref_template=REF_PREFIX + "{model}")
         for name, definition in [*schema.pop("$defs", {}).items(), (model.__name__, schema)]:
-            if schemas.setdefault(name, definition) != definition:
+            if _canonical(schemas.setdefault(name, definition)) != _canonical(definition):
                 raise RuntimeError(f"two different schemas are named {name!r} in the OpenAPI document")
 
 
@@ -119,10 +141,11 @@ def _absent_not_null(document: dict[str, Any]) -> None:
 
 
 def _bound_page_size(document: dict[str, Any], max_page_size: int) -> None:
-    operation = document["paths"]["/v1/experiments"]["get"]
-    for parameter in operation["parameters"]:
-        if parameter["in"] == "query" and parameter["name"] == "limit":
-            parameter["schema"]["maximum"] = max_page_size
+    for path in PAGED:
+        operation = document["paths"][path]["get"]
+        for parameter in operation["parameters"]:
+            if parameter["in"] == "query" and parameter["name"] == "limit":
+                parameter["schema"]["maximum"] = max_page_size
 
 
 def build_openapi(app: FastAPI, settings: ServiceSettings) -> dict[str, Any]:

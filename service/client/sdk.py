@@ -28,6 +28,18 @@ from urllib.parse import quote
 import httpx
 
 from api_schemas import ExperimentSpec, read_spec_file
+from api_schemas.evaluation_views import (
+    EvaluationDetail,
+    EvaluationOut,
+    EvaluationPage,
+    RobustBenchModelInfo,
+)
+from api_schemas.evaluations import (
+    BulkResult,
+    CheckpointOut,
+    EvaluationResultRow,
+    TransferMatrix,
+)
 from api_schemas.jobs import (
     TERMINAL_STATES,
     ArtifactLink,
@@ -43,6 +55,7 @@ from api_schemas.jobs import (
     TokenOut,
     UserOut,
 )
+from api_schemas.protocols import Protocol
 from service.client import credentials
 
 # transport failures worth another try; anything else (a 4xx, a bad answer) is final
@@ -446,9 +459,221 @@ class Client:
         eps: float | None = None,
         method: str | None = None,
         limit: int | None = None,
-    ) -> builtins.list[ResultRow]:
-        params = self._params(dataset=dataset, norm=norm, eps=eps, method=method, limit=limit)
-        return [ResultRow.model_validate(r) for r in self._get("/v1/results/leaderboard", params=params)]
+        protocol: str | None = None,
+        evaluations: bool = False,
+    ) -> builtins.list[ResultRow] | builtins.list[EvaluationResultRow]:
+        """The experiments' board (ResultRow), or with `protocol` (or `evaluations=True`: the dataset's
+        default protocol, else every protocol grouped) the (checkpoint, protocol) board of
+        EvaluationResultRow, ranked within one protocol version at a time."""
+        per_protocol = protocol is not None or evaluations
+        params = self._params(
+            dataset=dataset,
+            norm=norm,
+            eps=eps,
+            method=method,
+            limit=limit,
+            protocol=protocol,
+            evaluations="true" if evaluations else None,
+        )
+        rows = self._get("/v1/results/leaderboard", params=params)
+        if per_protocol:
+            return [EvaluationResultRow.model_validate(r) for r in rows]
+        return [ResultRow.model_validate(r) for r in rows]
+
+    def export_robustbench(self, evaluation_id: str) -> RobustBenchModelInfo:
+        """One result as RobustBench's model_info JSON (`model_dump(exclude_none=True)` to write it)."""
+        path = f"/v1/results/{quote(evaluation_id, safe='')}/export"
+        return RobustBenchModelInfo.model_validate(self._get(path, params={"format": "robustbench"}))
+
+    def transfer_matrix(self, experiments: Iterable[str], *, protocol: str | None = None) -> TransferMatrix:
+        """Robust accuracy of each target (column) under attacks transferred from each source (row)."""
+        params = self._params(experiments=",".join(experiments), protocol=protocol)
+        return TransferMatrix.model_validate(self._get("/v1/results/transfer-matrix", params=params))
+
+    # -- evaluations ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def target(ref: str, *, weights: str | None = None, trial: str | None = None) -> dict[str, Any]:
+        """An evaluation target from text: 'EXP', 'EXP:best|last|averaged', or a checkpoint's sha256
+        (64 hex digits, optionally 'sha256:<hex>')."""
+        text = ref.removeprefix("sha256:")
+        if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
+            return {"sha256": text}
+        experiment, _, suffix = ref.partition(":")
+        out: dict[str, Any] = {"experiment": experiment}
+        chosen = weights or suffix or None
+        if chosen:
+            out["weights"] = chosen
+        if trial:
+            out["trial"] = trial
+        return out
+
+    def evaluate(
+        self,
+        target: str | dict[str, Any] | None = None,
+        *,
+        protocol: str | None = None,
+        suite: dict[str, Any] | None = None,
+        weights: str | None = None,
+        trial: str | None = None,
+        extends: str | None = None,
+        add_attacks: Iterable[dict[str, Any]] = (),
+        transfer_from: str | dict[str, Any] | None = None,
+        n_examples: int | None = None,
+        shard_size: int | None = None,
+        num_workers: int | None = None,
+        gpus_per_worker: float | None = None,
+        cpus_per_worker: float | None = None,
+        use_gpu: bool | None = None,
+        save_adversarial: bool = False,
+        priority: int = 0,
+        max_attempts: int | None = None,
+        tags: Iterable[str] = (),
+        name: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> EvaluationOut:
+        """Queue an evaluation (POST /v1/evaluations). `target`: 'EXP[:weights]', a sha256 of an
+        uploaded checkpoint, or a target dict; with `extends` and no target, the extended evaluation's.
+        The service resolves and checks everything first (ApiError 422 naming the field)."""
+        if target is None:
+            if extends is None:
+                raise ValueError("evaluate: name a target (an experiment or a checkpoint's sha256)")
+            target = self._target_of(extends)
+        body: dict[str, Any] = {
+            "target": self.target(target, weights=weights, trial=trial)
+            if isinstance(target, str)
+            else target,
+            "priority": priority,
+            "tags": builtins.list(tags),
+            "save_adversarial": save_adversarial,
+        }
+        if transfer_from is not None:
+            body["transfer_from"] = (
+                self.target(transfer_from) if isinstance(transfer_from, str) else transfer_from
+            )
+        resources = self._params(
+            num_workers=num_workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker
+        )
+        if use_gpu is not None:
+            resources["use_gpu"] = use_gpu
+        if resources:
+            body["resources"] = resources
+        body.update(
+            self._params(
+                protocol=protocol,
+                suite=suite,
+                extends=extends,
+                n_examples=n_examples,
+                shard_size=shard_size,
+                max_attempts=max_attempts,
+                name=name,
+            )
+        )
+        if add_attacks:
+            body["add_attacks"] = builtins.list(add_attacks)
+        key = idempotency_key or str(uuid.uuid4())
+        response = self._send(
+            "POST", "/v1/evaluations", retry=True, json=body, headers={"Idempotency-Key": key}
+        )
+        return EvaluationOut.model_validate(response.json())
+
+    def _target_of(self, evaluation_id: str) -> dict[str, Any]:
+        """The target an existing evaluation evaluated (to extend it)."""
+        detail = self.evaluation(evaluation_id)
+        checkpoint = detail.spec.get("checkpoint") or {}
+        if detail.source_experiment:
+            parts = str(checkpoint.get("key", "")).split("/")
+            trial = parts[2] if len(parts) > 3 and parts[0] == "experiments" else "main"
+            return {"experiment": detail.source_experiment, "weights": detail.weights, "trial": trial}
+        if detail.checkpoint_sha256:
+            return {"sha256": detail.checkpoint_sha256}
+        raise ValueError(f"evaluation {evaluation_id} names neither an experiment nor a stored checkpoint")
+
+    def bulk_evaluate(
+        self,
+        protocol: str,
+        *,
+        dataset: str | None = None,
+        weights: str = "best",
+        num_workers: int | None = None,
+        gpus_per_worker: float | None = None,
+        priority: int = 0,
+        dry_run: bool = False,
+    ) -> BulkResult:
+        """Queue `protocol` for every finished experiment of the team lacking a result under it."""
+        body: dict[str, Any] = {
+            "protocol": protocol,
+            "weights": weights,
+            "priority": priority,
+            "dry_run": dry_run,
+        }
+        if dataset is not None:
+            body["dataset"] = dataset
+        resources = self._params(num_workers=num_workers, gpus_per_worker=gpus_per_worker)
+        if resources:
+            body["resources"] = resources
+        return BulkResult.model_validate(self._send("POST", "/v1/evaluations/bulk", json=body).json())
+
+    bulk = bulk_evaluate
+
+    def evaluations(
+        self,
+        *,
+        state: str | JobState | Iterable[str | JobState] | None = None,
+        dataset: str | None = None,
+        user: str | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> EvaluationPage:
+        states = None
+        if state is not None:
+            items = [state] if isinstance(state, (str, JobState)) else builtins.list(state)
+            states = [JobState(s).value for s in items]
+        params = self._params(state=states, dataset=dataset, user=user, limit=limit, cursor=cursor)
+        return EvaluationPage.model_validate(self._get("/v1/evaluations", params=params))
+
+    def evaluation(self, evaluation_id: str) -> EvaluationDetail:
+        return EvaluationDetail.model_validate(self._get(f"/v1/evaluations/{quote(evaluation_id, safe='')}"))
+
+    def upload_checkpoint(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        model: str | None = None,
+        dataset: str | None = None,
+        name: str | None = None,
+    ) -> CheckpointOut:
+        """Upload a checkpoint file (streamed). Ours say their model and dataset; a plain state dict
+        needs both. The same bytes twice are stored once (`created` False the second time)."""
+        file = Path(path)
+        params = self._params(model=model, dataset=dataset, name=name)
+        with file.open("rb") as handle:
+            response = self._send(
+                "POST",
+                "/v1/checkpoints",
+                params=params,
+                content=_chunks(handle),
+                headers={
+                    "Content-Type": "application/octet-stream",
+                    "Content-Length": str(file.stat().st_size),
+                },
+                timeout=httpx.Timeout(
+                    self.timeout, write=max(self.timeout, 300.0), read=max(self.timeout, 300.0)
+                ),
+            )
+        return CheckpointOut.model_validate(response.json())
+
+    def checkpoints(self, *, limit: int | None = None) -> builtins.list[CheckpointOut]:
+        return [
+            CheckpointOut.model_validate(c)
+            for c in self._get("/v1/checkpoints", params=self._params(limit=limit))
+        ]
+
+    def protocols(self) -> builtins.list[Protocol]:
+        return [Protocol.model_validate(p) for p in self._get("/v1/protocols")]
+
+    def protocol(self, ref: str) -> Protocol:
+        return Protocol.model_validate(self._get(f"/v1/protocols/{quote(ref, safe='@')}"))
 
     def compare(self, ids: Iterable[str]) -> Comparison:
         return Comparison.model_validate(self._get("/v1/results/compare", params={"ids": builtins.list(ids)}))
@@ -490,6 +715,11 @@ class Client:
     def ready(self) -> Readiness:
         """Readiness of the database, Ray and the store (a 503 answer is returned, not raised)."""
         return Readiness.model_validate(self._send("GET", "/readyz", retry=True, expect=(503,)).json())
+
+
+def _chunks(handle: Any, size: int = 1 << 20) -> Iterator[bytes]:
+    while chunk := handle.read(size):
+        yield chunk
 
 
 def _parse_sse(lines: Iterable[str]) -> Iterator[tuple[str, dict[str, Any], str | None]]:

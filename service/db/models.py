@@ -1,4 +1,5 @@
-"""Tables of the control plane: teams, users, API tokens, experiments (the job queue), trials, events.
+"""Tables of the control plane: teams, users, API tokens, experiments (the job queue: training runs
+and evaluations), trials, events, uploaded checkpoints and evaluation results.
 
 Schema changes go through Alembic (service/db/migrations); `metadata` here is what the first
 revision creates and what `alembic check` compares against.
@@ -11,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -111,9 +113,16 @@ class Experiment(Base):
         Index("ix_experiments_queue", "state", "priority", "created_at"),
         Index("ix_experiments_owner_state", "owner_id", "state"),
         Index("ix_experiments_created", "created_at", "id"),
+        Index("ix_experiments_team_kind", "team_id", "kind", "state"),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(
+        String(16),
+        default="training",
+        server_default="training",
+        doc="'training' (spec: an ExperimentSpec) or 'evaluation' (spec: an EvaluationJobSpec)",
+    )
     name: Mapped[str] = mapped_column(String(128))
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
     team_id: Mapped[int] = mapped_column(ForeignKey("teams.id"), index=True)
@@ -192,3 +201,80 @@ class Event(Base):
     trial: Mapped[str | None] = mapped_column(String(128), nullable=True)
     data: Mapped[dict[str, Any]] = mapped_column()
     at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Checkpoint(Base):
+    """A checkpoint uploaded by a team: stored once by content at `checkpoints/<sha256>.pt`, owned by
+    every team that uploaded it (one row per team), described by what the upload's inspection read."""
+
+    __tablename__ = "checkpoints"
+    __table_args__ = (UniqueConstraint("team_id", "sha256", name="uq_checkpoints_team_sha256"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    team_id: Mapped[int] = mapped_column(ForeignKey("teams.id"))
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    size: Mapped[int] = mapped_column(BigInteger)
+    key: Mapped[str] = mapped_column(String(512), doc="store key of the file")
+    format: Mapped[str] = mapped_column(String(16), doc="'checkpoint' (this project's) or 'state_dict'")
+    model: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    model_ref: Mapped[dict[str, Any] | None] = mapped_column(nullable=True, doc="a ModelRef, as JSON")
+    method: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    num_classes: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    in_channels: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    dataset: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    norm: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    eps: Mapped[float | None] = mapped_column(Float, nullable=True)
+    has_averaged: Mapped[bool] = mapped_column(Boolean, default=False)
+    name: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    owner: Mapped[User] = relationship(lazy="joined", foreign_keys=[owner_id])
+
+
+class EvalResult(Base):
+    """One (checkpoint, protocol) result: an evaluation job's summary, or a training run's reported
+    model (its protocol from the run's summary, else `custom`). The leaderboard ranks these rows."""
+
+    __tablename__ = "eval_results"
+    __table_args__ = (
+        UniqueConstraint("job_id", "weights", name="uq_eval_results_job_weights"),
+        Index("ix_eval_results_board", "protocol_id", "protocol_version", "team_id"),
+        Index("ix_eval_results_team_checkpoint", "team_id", "checkpoint_sha256"),
+        Index("ix_eval_results_team_source", "team_id", "source_experiment"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"), index=True)
+    team_id: Mapped[int] = mapped_column(ForeignKey("teams.id"))
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    kind: Mapped[str] = mapped_column(String(16), doc="'evaluation' or 'training'")
+    name: Mapped[str] = mapped_column(String(128))
+    source_experiment: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    weights: Mapped[str] = mapped_column(String(16), doc="best, last, averaged or upload")
+    checkpoint_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    protocol_id: Mapped[str] = mapped_column(String(64))
+    protocol_version: Mapped[str] = mapped_column(String(32))
+    dataset: Mapped[str] = mapped_column(String(32))
+    norm: Mapped[str] = mapped_column(String(8))
+    eps: Mapped[float] = mapped_column(Float)
+    model: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    method: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    n_examples: Mapped[int] = mapped_column(Integer)
+    n_total: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    partial: Mapped[bool] = mapped_column(Boolean, default=False)
+    test_selected: Mapped[bool] = mapped_column(Boolean, default=False)
+    precision: Mapped[str | None] = mapped_column(String(8), nullable=True, doc="training precision")
+    clean_accuracy: Mapped[float] = mapped_column(Float)
+    robust_accuracy: Mapped[float] = mapped_column(Float)
+    autoattack_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
+    nrr: Mapped[float | None] = mapped_column(Float, nullable=True)
+    attacks: Mapped[dict[str, Any]] = mapped_column(default=dict, doc="attack name -> accuracy")
+    summary: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
+    transfer_source: Mapped[str | None] = mapped_column(
+        String(256), nullable=True, doc="the source experiment of a transfer evaluation (or sha256:<hex>)"
+    )
+    finished_at: Mapped[datetime | None] = mapped_column(nullable=True)
+
+    owner: Mapped[User] = relationship(lazy="joined", foreign_keys=[owner_id])
+    team: Mapped[Team] = relationship(lazy="joined", foreign_keys=[team_id])

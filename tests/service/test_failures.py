@@ -120,10 +120,11 @@ def test_migration_0002_adds_error_log_tail(database_url: str) -> None:
     try:
         upgrade(engine, "0001")
         assert "error_log_tail" not in {c["name"] for c in inspect(engine).get_columns("experiments")}
-        upgrade(engine)
+        upgrade(engine, "0002")
         assert current_revision(engine) == "0002"
         assert "error_log_tail" in {c["name"] for c in inspect(engine).get_columns("experiments")}
-        with engine.connect() as conn:  # the models and the migrated schema agree
+        upgrade(engine)
+        with engine.connect() as conn:  # the models and the migrated schema (head) agree
             assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
         downgrade(engine, "0001")
         assert "error_log_tail" not in {c["name"] for c in inspect(engine).get_columns("experiments")}

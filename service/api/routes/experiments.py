@@ -6,7 +6,7 @@ import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request, Response, status
@@ -362,6 +362,10 @@ def read_experiments(
     state: Annotated[list[JobState] | None, Query(description="repeat for several states")] = None,
     method: Annotated[str | None, Query(max_length=32, pattern=NO_NUL)] = None,
     dataset: Annotated[str | None, Query(max_length=32, pattern=NO_NUL)] = None,
+    kind: Annotated[
+        Literal["training", "evaluation"] | None,
+        Query(description="training runs or evaluations only (default: both, the whole queue)"),
+    ] = None,
     limit: Annotated[int, Query(ge=1, description="at most LBGAT_MAX_PAGE_SIZE")] = 50,
     cursor: Annotated[
         str | None, Query(max_length=512, description="a page's `next_cursor`, as it was answered")
@@ -377,6 +381,7 @@ def read_experiments(
         state=state,
         method=method,
         dataset=dataset,
+        kind=kind,
         limit=limit,
         cursor=cursor,
     )
