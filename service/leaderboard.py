@@ -5,7 +5,9 @@ The leaderboard ranks rows of one protocol version at a time: numbers measured u
 attacks, example counts or threat models never share a ranking. Within a protocol, rows on fewer
 examples than its full set (`partial`) rank below every full row, then AutoAttack accuracy (else the
 worst case over the suite), the worst case, clean accuracy, and the earlier result first. Rows whose
-checkpoint was selected on the test set are marked (`test_selected`), not moved.
+checkpoint was selected on the test set are marked (`test_selected`), not moved. Transfer results
+(attacks made on another model) are not white-box numbers of the protocol: they appear in the
+transfer matrix, not on the leaderboard.
 """
 
 from __future__ import annotations
@@ -110,7 +112,8 @@ def protocol_leaderboard(
 ) -> list[EvaluationResultRow]:
     """The team's result rows of one protocol (or of each, grouped), ranked as the module says."""
     chosen = protocol_filter(protocol, dataset)
-    query = select(EvalResult)
+    # transfer (black-box) results answer another question: the transfer matrix shows them
+    query = select(EvalResult).where(EvalResult.transfer_source.is_(None))
     if not viewer.is_admin:
         query = query.where(EvalResult.team_id == viewer.team_id)
     if chosen.id is not None:

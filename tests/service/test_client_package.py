@@ -33,6 +33,7 @@ COMMANDS = {
     "login": ["login", "logout"],
     "experiments": ["submit", "ls", "show", "logs", "cancel", "retry"],
     "results": ["results", "artifacts"],
+    "evaluate": ["evaluate", "protocols"],
     "accounts": ["users", "token"],
 }
 

@@ -483,6 +483,9 @@ def test_transfer_matrix(api: Api) -> None:
     assert matrix["experiments"] == [a, b, c] and matrix["protocol"] == "digits@1"
     assert matrix["accuracy"] == [[None, 0.7, None], [0.6, None, None], [None, None, None]]
     assert matrix["evaluations"][0][1] == ab and matrix["evaluations"][1][0] == ba
+    # black-box numbers are not white-box results of the protocol: not on the leaderboard
+    board = alice.http.get("/v1/results/leaderboard", params={"protocol": "digits"}).json()
+    assert [row["evaluation_id"] for row in board] == [plain]
     other = api.person()
     assert (
         other.http.get("/v1/results/transfer-matrix", params={"experiments": f"{a},{b}"}).status_code == 404

@@ -6,6 +6,7 @@ Control plane:  serve                                                  (`serve`)
                 login, logout                                          (`login`)
                 submit, ls, show, logs, cancel, retry                  (`experiments`)
                 results, artifacts                                     (`results`)
+                evaluate, protocols                                    (`evaluate`)
                 users, token                                           (`accounts`)
 The control-plane commands go through `service.client.Client`, imported when one of them runs;
 `serve` imports the server (`service.server`) when it runs. Each module adds its subcommands with
@@ -22,10 +23,10 @@ import sys
 from collections.abc import Sequence
 
 from api_schemas import SpecError
-from service.client.cli import accounts, experiments, local, login, results, serve
+from service.client.cli import accounts, evaluate, experiments, local, login, results, serve
 
 # in the order of `lbgat --help`
-COMMAND_GROUPS = (local, serve, login, experiments, results, accounts)
+COMMAND_GROUPS = (local, serve, login, experiments, results, evaluate, accounts)
 
 
 def build_parser() -> argparse.ArgumentParser:

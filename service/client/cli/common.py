@@ -101,6 +101,39 @@ def service_command(fn: Command) -> Command:
     return run
 
 
+# what to do next, by the field a refusal names
+_HINTS = {
+    "body.protocol": "`lbgat protocols` lists the protocols and their datasets",
+    "body.target.experiment": "`lbgat ls` lists your team's experiments",
+    "body.target.weights": "pick other weights: EXP:best, EXP:last or EXP:averaged",
+    "body.target.sha256": "upload it with `lbgat evaluate --checkpoint FILE`",
+    "body.extends": "`lbgat ls --state succeeded` lists finished jobs",
+    "query.model": "name it with --model",
+    "query.dataset": "name it with --dataset",
+}
+
+
+def one_line_errors(fn: Callable[..., int]) -> Callable[..., int]:
+    """The service's refusal as one line (its detail names the field) plus what to do next; exit
+    code 2 for a refused request, 3 when the service failed (the other errors: service_command)."""
+
+    @functools.wraps(fn)
+    def run(*args: Any) -> int:
+        from service.client.sdk import ApiError
+
+        try:
+            return fn(*args)
+        except ApiError as exc:
+            hint = next((_HINTS[e.get("loc")] for e in exc.errors if e.get("loc") in _HINTS), None)
+            if exc.status == 401:
+                hint = "run `lbgat login` (or set LBGAT_TOKEN) with a valid API token"
+            detail = " ".join(exc.detail.split())
+            print(f"error: {exc.status}: {detail}" + (f"; {hint}" if hint else ""), file=sys.stderr)
+            return 2 if 400 <= exc.status < 500 else 3
+
+    return run
+
+
 def open_client(args: argparse.Namespace) -> Client:
     from service.client.sdk import Client
 
@@ -166,10 +199,16 @@ def styled_state(value: Any) -> str:
 
 
 def metric_text(row: dict[str, Any] | None) -> str:
-    """`epoch 3 · loss 0.812 · adv 41.2% · test 80.1% · val 77.0%/45.3% (clean/pgd)` from a metrics row."""
+    """`epoch 3 · loss 0.812 · adv 41.2% · test 80.1% · val 77.0%/45.3% (clean/pgd)` from a metrics row,
+    `shard 3/20 · clean 91.0% · pgd20 52.0%` from an evaluation's progress row."""
     if not row:
         return ""
     parts = []
+    if row.get("shards_done") is not None:  # an evaluation's progress row
+        parts.append(f"shard {row['shards_done']}/{row.get('n_shards', '?')}")
+        accuracy = row.get("accuracy") if isinstance(row.get("accuracy"), dict) else {}
+        parts += [f"{name} {pct(value)}" for name, value in list(accuracy.items())[:6]]
+        return " · ".join(parts)
     if row.get("epoch") is not None:
         parts.append(f"epoch {row['epoch']}")
     if row.get("loss") is not None:
@@ -229,3 +268,60 @@ def _provenance_cell(row: Any) -> str:
     precision = getattr(row, "precision", None) or "-"
     split = getattr(row, "selection_split", None)
     return f"{precision} / {'[yellow]test[/]' if split == 'test' else split or 'last'}"
+
+
+def protocol_tables(rows: list[Any], *, title: str) -> list[Any]:
+    """(checkpoint, protocol) rows as one table per protocol version, ranked as the service ranked
+    them: the number of examples (`*` partial), clean, each attack, worst case, AutoAttack, NRR and
+    the provenance cell (test-set selection highlighted)."""
+    from rich.table import Table
+
+    groups: dict[str, list[Any]] = {}
+    for row in rows:
+        groups.setdefault(f"{row.protocol_id}@{row.protocol_version}", []).append(row)
+    tables = []
+    for key, group in groups.items():
+        attacks: list[str] = []
+        for row in group:
+            attacks += [name for name in row.attacks if name not in attacks]
+        table = Table(title=f"{title}: {key}")
+        columns = ["#", "result", "name", "owner", "weights", "model", "dataset", "threat", "n", "clean"]
+        columns += [*attacks, "robust", "AA", "NRR", "trained / selected"]
+        text = {"result", "name", "owner", "weights", "model", "dataset", "threat", "trained / selected"}
+        for column in columns:
+            table.add_column(
+                column, no_wrap=column == "result", justify="left" if column in text else "right"
+            )
+        for row in group:
+            n = f"{row.n_examples}" + (f"/{row.n_total} [yellow]*[/]" if row.partial else "")
+            table.add_row(
+                str(row.rank or ""),
+                row.evaluation_id,
+                row.name,
+                row.owner,
+                row.weights + (" (transfer)" if row.transfer_source else ""),
+                row.model or "-",
+                row.dataset,
+                f"{row.norm} {row.eps:g}",
+                n,
+                pct(row.clean_accuracy),
+                *(pct(row.attacks.get(a)) for a in attacks),
+                pct(row.robust_accuracy),
+                pct(row.autoattack_accuracy),
+                pct(row.nrr),
+                f"{row.precision or '-'} / "
+                + (
+                    "[yellow]test[/]"
+                    if row.test_selected
+                    else ("selected" if row.weights == "best" else row.weights)
+                ),
+            )
+        notes = []
+        if any(row.partial for row in group):
+            notes.append("* partial: fewer examples than the protocol's full set (ranked below full rows)")
+        if any(row.test_selected for row in group):
+            notes.append("test: the checkpoint was selected on the test set (its numbers are optimistic)")
+        if notes:
+            table.caption = "\n".join(notes)
+        tables.append(table)
+    return tables
