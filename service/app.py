@@ -285,5 +285,9 @@ def create_app(
 
     app.include_router(health_router)
     app.include_router(api_router)
+    if settings.web_enabled:
+        from service.web import install as install_pages
+
+        install_pages(app)
     app.openapi = lambda: build_openapi(app, settings)  # type: ignore[method-assign]
     return app

@@ -4,6 +4,8 @@ Each app has its own CollectorRegistry (several apps in one test process never c
 
 * `lbgat_jobs{state}` - jobs per state (the queue's depth), one GROUP BY at scrape time;
 * `lbgat_user_jobs{user,state}` - each user's waiting and active jobs, one GROUP BY at scrape time;
+* `lbgat_jobs_state_seconds_max{state}` and `..._mean{state}` - how long the jobs now waiting
+  (queued, retrying) or active (dispatching, running) have been in that state: the queue's wait;
 * `lbgat_request_seconds{method,route,status}` - request latency, labelled by the route template
   (`/v1/experiments/{experiment_id}`), never the raw path, so that ids do not explode the label set;
 * `lbgat_dispatch_seconds` - time from a job's submission (or retry) to its Ray job being submitted.
@@ -27,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api_schemas.jobs import JobState
-from service.db.models import Experiment, User
+from service.db.models import Experiment, User, utcnow
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -89,6 +91,33 @@ class _QueueCollector(Collector):
                 .where(Experiment.state.in_(per_user_states))
                 .group_by(User.name, Experiment.state)
             ).all()
+        now = utcnow()
+        entered = {  # when a job now in the state entered it
+            JobState.queued.value: Experiment.updated_at,
+            JobState.retrying.value: Experiment.updated_at,
+            JobState.dispatching.value: Experiment.dispatched_at,
+            JobState.running.value: Experiment.started_at,
+        }
+        waits: dict[str, list[float]] = {state: [] for state in entered}
+        with self.sessions() as session:
+            for state, column in entered.items():
+                for (since,) in session.execute(
+                    select(column).where(Experiment.state == state, column.is_not(None))
+                ):
+                    waits[state].append(max(0.0, (now - since).total_seconds()))
+        oldest = GaugeMetricFamily(
+            "lbgat_jobs_state_seconds_max",
+            "Longest time a job now in the state has been in it (queue wait for queued/retrying)",
+            labels=["state"],
+        )
+        mean = GaugeMetricFamily(
+            "lbgat_jobs_state_seconds_mean",
+            "Mean time the jobs now in the state have been in it",
+            labels=["state"],
+        )
+        for state, values in waits.items():
+            oldest.add_metric([state], max(values) if values else 0.0)
+            mean.add_metric([state], sum(values) / len(values) if values else 0.0)
         jobs = GaugeMetricFamily("lbgat_jobs", "Jobs per state (queue depth)", labels=["state"])
         for state in JobState:
             jobs.add_metric([state.value], float(by_state.get(state.value, 0)))
@@ -97,7 +126,7 @@ class _QueueCollector(Collector):
         )
         for name, state, count in sorted(by_user):
             user_jobs.add_metric([name, state], float(count))
-        return [jobs, user_jobs]
+        return [jobs, user_jobs, oldest, mean]
 
 
 class ServiceMetrics:

@@ -122,6 +122,29 @@ class ServiceSettings(BaseSettings):
     max_page_size: int = Field(200, ge=1, description="largest `limit` of a list request")
     presign_expiry_s: int = Field(900, ge=60, le=7 * 24 * 3600)
     cors_origins: list[str] = Field(default_factory=list)
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="a bearer token that may read GET /metrics and nothing else (Prometheus's "
+        "credentials file); any user's API token reads it too",
+    )
+
+    # -- web pages (service/web) ---------------------------------------------------------------------
+    web_enabled: bool = Field(
+        True, description="serve the team's pages (/, /queue, /experiments, /leaderboard)"
+    )
+    web_session_hours: float = Field(
+        168.0, gt=0, description="a page session (sign-in with an API token) lasts this long (hours)"
+    )
+    web_cookie_secure: bool | None = Field(
+        None,
+        description="mark the session cookie Secure: true, false, or unset to mark it when the page is "
+        "served over https (behind a proxy: run uvicorn with --proxy-headers)",
+    )
+    web_secret: SecretStr | None = Field(
+        None,
+        description="key of the pages' CSRF tokens (HMAC of the session); unset: the tokens are keyed "
+        "with the session alone. Give every replica the same value.",
+    )
 
     @field_validator("ray_address", "ray_dashboard_url", mode="before")
     @classmethod

@@ -16,11 +16,12 @@ from service import auth
 from service.db.models import User
 from service.ray_jobs import RayJobs
 from service.settings import ServiceSettings
+from service.web.sessions import is_session_token
 from workers.storage import ArtifactStore
 
 # auto_error=False: we answer a missing token ourselves (401 + WWW-Authenticate, ErrorDetail body);
 # the scheme still documents bearer auth in OpenAPI.
-_bearer = HTTPBearer(auto_error=False, description="an API token: `Authorization: Bearer lbg_...`")
+bearer = HTTPBearer(auto_error=False, description="an API token: `Authorization: Bearer lbg_...`")
 
 
 def get_settings(request: Request) -> ServiceSettings:
@@ -68,12 +69,14 @@ def _unauthorized(detail: str) -> HTTPException:
 
 def get_current_user(
     sessions: Annotated[sessionmaker[Session], Depends(get_sessions)],
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> User:
     """The token's user. The session closes before the handler runs: the returned User is detached,
     with its team loaded (both are read-only for handlers)."""
     if credentials is None or not credentials.credentials:
         raise _unauthorized("missing API token: send `Authorization: Bearer <token>` (see `lbgat login`)")
+    if is_session_token(credentials.credentials):
+        raise _unauthorized("a page session is not an API token: use a token from `lbgat login`")
     with sessions() as session:
         user = auth.authenticate(session, credentials.credentials)
         if user is not None and auth.touch_token(session, credentials.credentials):

@@ -9,16 +9,18 @@ store that is down does not hold the probe up for the store client's whole retry
 
 from __future__ import annotations
 
+import hmac
 import logging
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response, status
+from fastapi import APIRouter, Depends, Request, Response, status
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials
 from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from api_schemas.jobs import Readiness
-from service.api.deps import CurrentUser, RayDep, SessionsDep, StoreDep
+from service.api.deps import RayDep, SessionsDep, StoreDep, bearer, get_current_user
 from service.api.responses import errors
 from service.metrics import CONTENT_TYPE
 
@@ -78,11 +80,28 @@ def read_readiness(request: Request, sessions: SessionsDep, store: StoreDep, ray
     return JSONResponse(body.model_dump(), status_code=code)
 
 
+def metrics_reader(
+    request: Request,
+    sessions: SessionsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> None:
+    """Any user's API token, or LBGAT_METRICS_TOKEN (a scraper's secret that opens nothing else)."""
+    expected = request.app.state.settings.metrics_token
+    if (
+        expected is not None
+        and credentials is not None
+        and hmac.compare_digest(credentials.credentials.encode(), expected.get_secret_value().encode())
+    ):
+        return
+    get_current_user(sessions, credentials)
+
+
 @router.get(
     "/metrics",
     response_class=Response,
-    summary="Prometheus metrics: queue depth per state, jobs per user, request and dispatch latency",
+    summary="Prometheus metrics: queue depth and wait per state, jobs per user, request and dispatch latency",
     responses={200: {"content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}, **errors(401)},
+    dependencies=[Depends(metrics_reader)],
 )
-def read_metrics(request: Request, current_user: CurrentUser) -> Response:
+def read_metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE)
