@@ -43,6 +43,16 @@ class RayJobState:
     exit_code: int | None
 
 
+def job_metadata(*, experiment_id: str, name: str, user: str) -> dict[str, str]:
+    """The metadata of an experiment's Ray job. The dashboard's Jobs list shows `job_name` in its Name
+    column (Ray's own default is the submission id), so the list reads like our queue."""
+    return {
+        "job_name": f"{name} ({experiment_id}) by {user}",
+        "lbgat_experiment": experiment_id,
+        "lbgat_user": user,
+    }
+
+
 class RayJobs:
     def __init__(self, address: str, *, token: str | None = None) -> None:
         self.address = address if "://" in address else f"http://{address}"

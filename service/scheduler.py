@@ -57,10 +57,11 @@ from service.db.engine import run_tx
 from service.db.models import Experiment, User, utcnow
 from service.jobs import ACTIVE_STATES, WAITING_STATES, transition, usage_gpu_hours
 from service.metrics import observe_round
-from service.ray_jobs import Capacity, RayJobs, RayJobState, RayUnavailable
+from service.ray_jobs import Capacity, RayJobs, RayJobState, RayUnavailable, job_metadata
 from service.settings import ServiceSettings
 from service.store_health import StoreMonitor
 from service.text import clean_lines, one_line, strip_ansi, tail
+from workers.metrics_export import EXPERIMENT_USER_ENV
 from workers.run import EXIT_BAD_INPUT
 from workers.settings import StoreSettings, env_name
 from workers.storage import ArtifactStore, StoreError, StoreUnavailable, experiment_prefix
@@ -536,7 +537,7 @@ class Scheduler:
             exp = session.get(Experiment, exp_id)
             if exp is None or exp.state != JobState.dispatching.value:
                 return
-            spec, submission_id, owner = exp.spec, exp.ray_job_id, exp.owner.name
+            spec, submission_id, owner, name = exp.spec, exp.ray_job_id, exp.owner.name, exp.name
         entrypoint = self.settings.worker_entrypoint.format(python=self.settings.worker_python, job_id=exp_id)
         try:
             if self.ray is None:
@@ -551,8 +552,8 @@ class Scheduler:
             self.ray.submit(
                 submission_id=submission_id,
                 entrypoint=entrypoint,
-                env_vars=self._job_env(exp_id),
-                metadata={"lbgat_experiment": exp_id, "lbgat_user": owner},
+                env_vars={**self._job_env(exp_id), EXPERIMENT_USER_ENV: owner},
+                metadata=job_metadata(experiment_id=exp_id, name=name, user=owner),
             )
             log.info("submitted %s as Ray job %s", exp_id, submission_id)
         except Exception as exc:  # whatever went wrong, the job must not stay claimed by nobody

@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from trainer import checkpoint as ckpt
 from trainer.loop import TrainingRun
 from workers.config import WorkerConfig
+from workers.metrics_export import EpochGauges
 from workers.storage import ArtifactStore, experiment_prefix, open_store
 
 log = logging.getLogger("workers.train")
@@ -79,6 +80,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     prefix = experiment_prefix(cfg.experiment_id, cfg.trial)
     store = open_store() if rank == 0 else None
+    gauges = EpochGauges(cfg.experiment_id, cfg.trial) if rank == 0 else None
 
     with tempfile.TemporaryDirectory(prefix="lbgat-worker-") as scratch:
         run = TrainingRun(spec, out_dir=scratch, device=device, rank=rank, world_size=world_size)
@@ -113,6 +115,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 metrics.extra["finished_at"] = time.time()  # wall clock: epoch cycle times incl. reporting
                 run.history.append(metrics.model_dump(mode="json"))
                 store.append_line(prefix + "metrics.jsonl", metrics.model_dump_json())
+                gauges.report(run.history[-1])  # Ray's metrics agent -> Prometheus, Grafana
                 if run.epoch % spec.checkpoint.every_n_epochs == 0 or run.epoch == spec.optimization.epochs:
                     payload_dir = Path(scratch) / f"epoch_{run.epoch:04d}"
                     payload_dir.mkdir()
