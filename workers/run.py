@@ -2,7 +2,8 @@
 
 Reads the spec (a file, or experiments/<ID>/spec.json in the store, where the control plane puts
 it), checks the store before any GPU time is spent, then runs one training run or a sweep on the
-Ray cluster it is attached to, and writes results to the store. Exit codes: 0 done, 2 bad input
+Ray cluster it is attached to, or an evaluation job (spec.json of kind "evaluation":
+workers/evaluation.py), and writes results to the store. Exit codes: 0 done, 2 bad input
 (spec, arguments), 3 the store is unreachable, 1 the run itself failed; the reason goes to stderr.
 """
 
@@ -88,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     EXIT_BAD_INPUT,
                     f"no spec for job {experiment_id} at {store.url}/{experiment_prefix(experiment_id)}spec.json",
                 )
+            if isinstance(data, dict) and data.get("kind") == "evaluation":
+                return _evaluation_job(data, experiment_id, store, settings, args.ray_address)
             spec = parse_spec(data, source=f"job {experiment_id}")
     except SpecError as exc:
         return _fail(EXIT_BAD_INPUT, str(exc))
@@ -180,6 +183,35 @@ def _ray_started(address: str | None) -> bool:
 def _refused(address: str | None) -> bool:
     _fail(EXIT_BAD_INPUT, missing_token_message(address) + " (or the token given is not this cluster's)")
     return False
+
+
+def _evaluation_job(data: dict, job_id: str, store, settings: StoreSettings, ray_address: str | None) -> int:
+    """An evaluation job (spec.json of kind "evaluation", see workers/evaluation.py): the checkpoint
+    and the records it extends are checked before Ray starts; a refused checkpoint never runs."""
+    from workers.evaluation import EvaluationInputError, parse_job_spec, prepare, run_evaluation
+
+    try:
+        spec = parse_job_spec(data, job_id)
+        plan = prepare(spec, evaluation_id=job_id, store=store)
+    except EvaluationInputError as exc:
+        return _fail(EXIT_BAD_INPUT, str(exc))
+    except StoreUnavailable as exc:
+        return _fail(EXIT_STORE, str(exc))
+    except StoreError as exc:
+        return _fail(EXIT_STORE, f"artifact store {store.url}: {exc}")
+    if not _ray_started(ray_address):
+        return EXIT_BAD_INPUT
+    try:
+        summary = run_evaluation(spec, evaluation_id=job_id, store=store, settings=settings, plan=plan)
+    except EvaluationInputError as exc:
+        return _fail(EXIT_BAD_INPUT, f"{job_id}: {exc}")
+    except StoreUnavailable as exc:
+        return _fail(EXIT_STORE, str(exc))
+    except Exception as exc:
+        log.exception("evaluation failed")
+        return _fail(EXIT_FAILED, f"{job_id}: {exc}")
+    print(json.dumps({"evaluation_id": job_id, "summary": summary.model_dump(mode="json")}, indent=2))
+    return 0
 
 
 def _run(spec: ExperimentSpec, experiment_id: str, store, settings: StoreSettings) -> int:
