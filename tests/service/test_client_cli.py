@@ -446,3 +446,19 @@ def test_health_and_readiness(server: Server):
         assert client.health()
         ready = client.ready()
     assert "database" in ready.checks and ready.checks["database"] == "ok"
+
+
+def test_submit_and_show_print_the_experiments_page(server: Server, capsys):
+    _login_as(server, server.alice)
+    code, out, err = _run(capsys, "submit", "--preset", "digits", "--set", "name=paged")
+    assert code == 0, err
+    exp_id = out.strip()
+    page = f"{server.url}/experiments/{exp_id}"
+    assert f"page: {page}" in err.splitlines()
+    code, out, _ = _run(capsys, "show", exp_id)
+    assert code == 0 and page in out
+    # the address is the service's own page (it sends a browser without a session to sign in)
+    import httpx
+
+    r = httpx.get(page, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"].startswith("/?next=")

@@ -29,6 +29,14 @@ from service.client.cli.common import (
 if TYPE_CHECKING:
     from rich.console import Console
 
+
+def page_url(base_url: str, experiment_id: str) -> str:
+    """The experiment's web page on the service (the service serves its pages itself: service/web)."""
+    from urllib.parse import quote
+
+    return f"{base_url.rstrip('/')}/experiments/{quote(experiment_id, safe='')}"
+
+
 # -- submit -----------------------------------------------------------------------------------------
 
 
@@ -126,9 +134,11 @@ def _cmd_submit(args: argparse.Namespace) -> int:
                 print(exp.id)
                 if exp.queue is not None:
                     print(f"queued at position {exp.queue.position}: {exp.queue.reason}", file=sys.stderr)
+                print(f"page: {page_url(client.base_url, exp.id)}", file=sys.stderr)
             return 0
         if not args.json:
             print(exp.id)
+            print(f"page: {page_url(client.base_url, exp.id)}", file=sys.stderr)
         err = console(stderr=True)
         view = _WaitView(exp.id, spec.optimization.epochs, err)
         try:
@@ -218,6 +228,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
 
     with open_client(args) as client:
         d = client.get(args.id)
+        page = page_url(client.base_url, d.id)
     if args.json:
         print_json(d)
         return 0
@@ -229,6 +240,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     info.add_row("name", d.name)
     info.add_row("owner", f"{d.owner} (team {d.team})")
     info.add_row("state", styled_state(d.state))
+    info.add_row("page", page)
     if d.queue is not None:
         info.add_row("queue", f"position {d.queue.position}: {d.queue.reason}")
     info.add_row("priority", str(d.priority))
