@@ -113,3 +113,11 @@ class TrainSummary(BaseModel):
         description="where the best checkpoint's selection metric was measured; 'test' marks numbers "
         "of a checkpoint selected on the test set (None: no metric selection)",
     )
+    protocol_id: str | None = Field(
+        None, description="the evaluation protocol of `final`/`best` ('custom' for an inline suite)"
+    )
+    protocol_version: str | None = Field(
+        None, description="its version; for 'custom', api_schemas.protocols.custom_protocol_version"
+    )
+    best_checkpoint_sha256: str | None = Field(None, description="sha256 of the stored best checkpoint")
+    last_checkpoint_sha256: str | None = Field(None, description="sha256 of the stored last checkpoint")

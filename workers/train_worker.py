@@ -23,9 +23,12 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from api_schemas import ExperimentSpec
+from api_schemas.protocols import CUSTOM_ID, EvaluationSuite, custom_protocol_version
 from trainer import checkpoint as ckpt
 from trainer.loop import TrainingRun
 from workers.config import WorkerConfig
+from workers.evaluation import sha256_file
 from workers.metrics_export import EpochGauges
 from workers.storage import ArtifactStore, experiment_prefix, open_store
 
@@ -138,6 +141,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _finish(run, store, prefix, Path(scratch), time.perf_counter() - start, cfg)
 
 
+def training_protocol(spec: ExperimentSpec) -> tuple[str, str]:
+    """(protocol id, version) of a run's final evaluation, so that its numbers are a (checkpoint,
+    protocol) result: the protocol `evaluation.protocol` pins ('id@version'), else 'custom' with the
+    version of the suite that ran (its attacks and n_examples on the threat model; seed 0 and shards
+    of 500, what `trainer.evaluation.evaluate` uses without a protocol)."""
+    evaluation = spec.evaluation
+    if evaluation.protocol is not None:
+        protocol_id, _, version = evaluation.protocol.partition("@")
+        return protocol_id, version
+    # model_construct: a training suite may give AutoAttack / Square a subset of the examples
+    # (n_examples), which an evaluation job's suite does not allow; the digest covers it either way
+    suite = EvaluationSuite.model_construct(
+        threat_model=spec.threat_model, attacks=list(evaluation.attacks), n_examples=evaluation.n_examples
+    )
+    return CUSTOM_ID, custom_protocol_version(suite)
+
+
 def _finish(
     run: TrainingRun, store: ArtifactStore, prefix: str, scratch: Path, seconds: float, cfg: WorkerConfig
 ) -> None:
@@ -154,6 +174,17 @@ def _finish(
         seconds=seconds,
         world_size=run.world_size,
         experiment_id=cfg.experiment_id,
+    )
+    protocol_id, protocol_version = training_protocol(run.spec)
+    summary = summary.model_copy(
+        update={
+            "protocol_id": protocol_id,
+            "protocol_version": protocol_version,
+            "last_checkpoint_sha256": sha256_file(scratch / "last.pt"),
+            "best_checkpoint_sha256": (
+                sha256_file(best_local) if summary.best_checkpoint and best_local.exists() else None
+            ),
+        }
     )
     store.put_json(prefix + "summary.json", summary.model_dump(mode="json"))
     log.info(

@@ -289,3 +289,20 @@ def test_the_attempt_comes_from_the_scheduler(monkeypatch):
     assert job_attempt({"LBGAT_ATTEMPT": "3"}) == 3
     config = json.dumps({"metadata": {"job_submission_id": "ev-1-a4"}})
     assert job_attempt({"RAY_JOB_CONFIG_JSON_ENV_VAR": config}) == 4
+
+
+def test_a_training_summary_names_its_protocol():
+    from api_schemas.presets import get_preset
+    from workers.train_worker import training_protocol
+
+    assert training_protocol(get_preset("digits", ["evaluation={protocol: digits}"])) == ("digits", "1")
+    spec = get_preset("digits")
+    protocol_id, version = training_protocol(spec)
+    suite = EvaluationSuite.model_construct(
+        threat_model=spec.threat_model, attacks=spec.evaluation.attacks, n_examples=spec.evaluation.n_examples
+    )
+    assert protocol_id == "custom" and version == custom_protocol_version(suite)
+    # an inline suite an evaluation job could also run gets the version that job's results carry
+    plain = get_preset("digits", ["evaluation.attacks=[{kind: fgsm}]", "evaluation.n_examples=100"])
+    job_suite = EvaluationSuite(threat_model=plain.threat_model, attacks=[{"kind": "fgsm"}], n_examples=100)
+    assert training_protocol(plain) == ("custom", custom_protocol_version(job_suite))

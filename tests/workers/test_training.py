@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ from api_schemas.presets import get_preset
 from trainer.loop import TrainingRun
 from workers import run as entry
 from workers.storage import open_store
+from workers.train_worker import training_protocol
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -57,6 +59,10 @@ def test_two_workers_write_s3_and_match_single_process(s3_env, tmp_path):
     assert [l["epoch"] for l in lines] == [1, 2, 3, 4, 5, 6]
     summary = TrainSummary.model_validate(store.get_json(prefix + "summary.json"))
     assert summary.epochs == 6 and summary.provenance["world_size"] == 2
+    # a (checkpoint, protocol) result: the stored file's sha256 and the suite's custom version
+    last_sha = hashlib.sha256(store.get_bytes(prefix + "checkpoints/last.pt")).hexdigest()
+    assert summary.last_checkpoint_sha256 == last_sha and summary.protocol_id == "custom"
+    assert summary.protocol_version == training_protocol(spec)[1] and len(summary.protocol_version) == 12
 
     # the same spec in one process: two workers with batch 32 each reproduce batch 64 closely
     single = TrainingRun(spec, out_dir=tmp_path / "single").fit()
