@@ -4,6 +4,7 @@ commands and settings, publish nothing beyond 127.0.0.1, and validate against th
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -227,8 +228,9 @@ def test_compose_publishes_ports_on_localhost_only():
                 f"{name}: {port} listens beyond localhost"
             )
             published[name] = port
-    assert set(published) == {"api", "ray-head", "minio"}, published
+    assert set(published) == {"api", "ray-head", "minio", "prometheus", "grafana"}, published
     assert published["ray-head"].endswith(":8265") and published["api"].endswith(":8000")
+    assert published["prometheus"].endswith(":9090") and published["grafana"].endswith(":3000")
     assert published["minio"].endswith(":9001"), "only MinIO's console is published, not its S3 port"
     for name in ("postgres", "ray-gpu-worker", "ray-cpu-worker", "minio-init"):
         assert "expose" not in services()[name]
@@ -247,7 +249,18 @@ def test_compose_volumes_are_declared_or_repository_paths():
                 continue  # a bind mount of a repository folder (data, runs) or of DATA_DIR
             assert source in declared, f"{name}: volume {source} is not declared under volumes:"
             used.add(source)
-    assert used == declared == {"postgres-data", "minio-data", "api-state"}
+    assert (
+        used
+        == declared
+        == {
+            "postgres-data",
+            "minio-data",
+            "api-state",
+            "prometheus-data",
+            "grafana-data",
+            "grafana-dashboards",
+        }
+    )
     assert "postgres-data:/var/lib/postgresql/data" in services()["postgres"]["volumes"]
     assert "minio-data:/data" in services()["minio"]["volumes"]
     assert "api-state:/var/lib/lbgat" in services()["api"]["volumes"]
@@ -432,8 +445,14 @@ def test_pods_reference_existing_secrets_and_configmaps_and_drop_privileges():
         if doc["kind"] == "Secret"
     }
     configmaps = {doc["metadata"]["name"] for _, doc in all_manifests() if doc["kind"] == "ConfigMap"}
+    assert {"lbgat-metrics", "lbgat-grafana"} <= set(secrets)
     for where, spec in pod_specs():
         assert spec["securityContext"]["runAsNonRoot"] is True, where
+        for volume in spec.get("volumes", []):
+            if "secret" in volume:
+                assert volume["secret"]["secretName"] in secrets, f"{where}: volume {volume['name']}"
+            if "configMap" in volume:
+                assert volume["configMap"]["name"] in configmaps, f"{where}: volume {volume['name']}"
         for container in spec.get("initContainers", []) + spec["containers"]:
             assert container["resources"]["limits"], f"{where}/{container['name']}: no limits"
             context = container["securityContext"]
@@ -465,7 +484,11 @@ def test_secrets_are_marked_templates_and_the_pods_refuse_them():
 
 
 def test_api_deployment_probes_settings_and_image():
-    (deployment,) = [doc for _, doc in all_manifests() if doc["kind"] == "Deployment"]
+    (deployment,) = [
+        doc
+        for _, doc in all_manifests()
+        if doc["kind"] == "Deployment" and doc["metadata"]["name"] == "lbgat-api"
+    ]
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["image"].startswith("lbgat-orchestrator/api:")
     check_lbgat_serve(container["command"], "k8s api")
@@ -483,6 +506,11 @@ def test_api_deployment_probes_settings_and_image():
     # Every LBGAT_* key the API gets is a setting the service or the store reads.
     known = settings_env_names()
     (config,) = load_k8s("configmap.yaml")
+    env = {e["name"]: e for e in container["env"]}
+    assert env["LBGAT_METRICS_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+        "name": "lbgat-metrics",
+        "key": "METRICS_TOKEN",
+    }
     keys = set(config["data"]) | {
         k
         for _, doc in all_manifests()
@@ -560,5 +588,262 @@ def test_kustomize_renders_and_the_result_validates(with_optional):
     assert not [i for i in images if i.startswith("lbgat-orchestrator/")], (
         "kustomize images: left an image unset"
     )
-    (config,) = [doc for doc in docs if doc["kind"] == "ConfigMap"]
+    (config,) = [
+        doc for doc in docs if doc["kind"] == "ConfigMap" and doc["metadata"]["name"] == "lbgat-config"
+    ]
     assert (config["data"]["LBGAT_S3_ENDPOINT"] == "minio:9000") == with_optional
+
+
+# -- metrics: Prometheus, Grafana, the Ray dashboard -------------------------------------------------
+
+MONITORING = DEPLOY / "monitoring"
+promtool = shutil.which("promtool")
+
+
+def compose_prometheus() -> dict[str, Any]:
+    return yaml.safe_load((MONITORING / "prometheus.yml").read_text())
+
+
+def k8s_docs(kind: str, name: str) -> dict[str, Any]:
+    (doc,) = [d for _, d in all_manifests() if d["kind"] == kind and d["metadata"]["name"] == name]
+    return doc
+
+
+def k8s_prometheus() -> dict[str, Any]:
+    return yaml.safe_load(k8s_docs("ConfigMap", "lbgat-prometheus")["data"]["prometheus.yml"])
+
+
+def scrape_jobs(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {job["job_name"]: job for job in config["scrape_configs"]}
+
+
+def test_ray_serves_the_service_discovery_that_prometheus_reads():
+    """Both Prometheus configurations find the Ray nodes through the head's /api/prometheus/sd,
+    a route of this Ray release's dashboard (the HTTP form of prom_metrics_service_discovery.json)."""
+    import inspect
+
+    from ray.dashboard.modules.reporter import reporter_head
+
+    assert '@routes.get("/api/prometheus/sd")' in inspect.getsource(reporter_head)
+    compose_sd = scrape_jobs(compose_prometheus())["ray"]["http_sd_configs"][0]
+    k8s_sd = scrape_jobs(k8s_prometheus())["ray"]["http_sd_configs"][0]
+    head = services()["ray-head"]["command"]
+    assert (
+        compose_sd["url"]
+        == f"http://ray-head:{head[head.index('--dashboard-port=8265')].split('=')[1]}/api/prometheus/sd"
+    )
+    (cluster,) = load_k8s("raycluster.yaml")
+    assert k8s_sd["url"] == f"http://{cluster['metadata']['name']}-head-svc:8265/api/prometheus/sd"
+    for sd in (compose_sd, k8s_sd):
+        assert sd["authorization"]["type"] == "Bearer", "the dashboard has Ray's token auth on"
+
+
+def test_compose_prometheus_reads_its_tokens_from_secrets_and_scrapes_the_api():
+    prometheus = services()["prometheus"]
+    config = compose_prometheus()
+    jobs = scrape_jobs(config)
+    assert set(jobs) == {"ray", "lbgat"}
+    secrets = compose()["secrets"]
+    files = {f"/run/secrets/{name}": secrets[name]["environment"] for name in prometheus["secrets"]}
+    ray_file = jobs["ray"]["http_sd_configs"][0]["authorization"]["credentials_file"]
+    assert files[ray_file] == "RAY_AUTH_TOKEN"
+    api = jobs["lbgat"]
+    assert api["static_configs"][0]["targets"] == ["api:8000"] and api["metrics_path"] == "/metrics"
+    assert files[api["authorization"]["credentials_file"]] == "METRICS_TOKEN"
+    assert services()["api"]["environment"]["LBGAT_METRICS_TOKEN"].startswith("${METRICS_TOKEN:?")
+    assert "CHANGE-ME" in env_example()["METRICS_TOKEN"]
+    mount = next(v for v in prometheus["volumes"] if v.startswith("./deploy/monitoring/prometheus.yml:"))
+    assert f"--config.file={mount.split(':')[1]}" in prometheus["command"]
+
+
+def test_k8s_prometheus_mounts_the_files_its_config_names():
+    deployment = k8s_docs("Deployment", "lbgat-prometheus")
+    spec = deployment["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    config_file = next(a for a in container["args"] if a.startswith("--config.file=")).split("=", 1)[1]
+    assert config_file == f"{mounts['config']}/prometheus.yml"
+    assert volumes["config"]["configMap"]["name"] == "lbgat-prometheus"
+    secret_dirs = {
+        mounts[name]: volumes[name]["secret"]["secretName"] for name in mounts if "secret" in volumes[name]
+    }
+    secrets = {d["metadata"]["name"]: d["stringData"] for _, d in all_manifests() if d["kind"] == "Secret"}
+    jobs = scrape_jobs(k8s_prometheus())
+    for credentials in (
+        jobs["ray"]["http_sd_configs"][0]["authorization"]["credentials_file"],
+        jobs["lbgat"]["authorization"]["credentials_file"],
+    ):
+        folder, key = credentials.rsplit("/", 1)
+        assert key in secrets[secret_dirs[folder]], credentials
+    service = k8s_docs("Service", "lbgat-api")
+    assert jobs["lbgat"]["static_configs"][0]["targets"] == [
+        f"lbgat-api:{service['spec']['ports'][0]['port']}"
+    ]
+
+
+@pytest.mark.skipif(promtool is None, reason="promtool (Debian's prometheus package) is not installed")
+@pytest.mark.parametrize("which", ["compose", "k8s"])
+def test_prometheus_configs_pass_promtool(which, tmp_path):
+    config = compose_prometheus() if which == "compose" else k8s_prometheus()
+    # promtool checks that credentials files exist: point them at stand-ins
+    for job in config["scrape_configs"]:
+        for auth in [job.get("authorization")] + [
+            sd.get("authorization") for sd in job.get("http_sd_configs", [])
+        ]:
+            if auth:
+                stand_in = tmp_path / auth["credentials_file"].strip("/").replace("/", "_")
+                stand_in.write_text("token")
+                auth["credentials_file"] = str(stand_in)
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    out = subprocess.run([promtool, "check", "config", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_the_ray_dashboard_is_wired_to_prometheus_and_grafana():
+    from ray.dashboard.modules.metrics import metrics_head
+
+    names = (
+        metrics_head.PROMETHEUS_HOST_ENV_VAR,
+        metrics_head.PROMETHEUS_NAME_ENV_VAR,
+        metrics_head.GRAFANA_HOST_ENV_VAR,
+        metrics_head.GRAFANA_IFRAME_HOST_ENV_VAR,
+    )
+    assert names == (
+        "RAY_PROMETHEUS_HOST",
+        "RAY_PROMETHEUS_NAME",
+        "RAY_GRAFANA_HOST",
+        "RAY_GRAFANA_IFRAME_HOST",
+    )
+    compose_env = services()["ray-head"]["environment"]
+    assert compose_env["RAY_PROMETHEUS_HOST"] == "http://prometheus:9090"
+    assert compose_env["RAY_GRAFANA_HOST"] == "http://grafana:3000"
+    assert compose_env["RAY_GRAFANA_IFRAME_HOST"] == "http://127.0.0.1:${GRAFANA_PORT:-3000}"
+    assert services()["grafana"]["ports"] == ["127.0.0.1:${GRAFANA_PORT:-3000}:3000"]
+    assert "RAY_GRAFANA_HOST" not in services()["ray-gpu-worker"]["environment"], "the head's alone"
+    (cluster,) = load_k8s("raycluster.yaml")
+    head_env = {
+        e["name"]: e.get("value")
+        for e in cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    for service_name, variable in (
+        ("lbgat-prometheus", "RAY_PROMETHEUS_HOST"),
+        ("lbgat-grafana", "RAY_GRAFANA_HOST"),
+    ):
+        port = k8s_docs("Service", service_name)["spec"]["ports"][0]["port"]
+        assert head_env[variable] == f"http://{service_name}:{port}"
+    assert head_env["RAY_GRAFANA_IFRAME_HOST"].startswith("http://127.0.0.1:")
+    # the data source the embedded panels ask for exists, under that name, pointing at Prometheus
+    compose_source = yaml.safe_load(
+        (MONITORING / "grafana/provisioning/datasources/prometheus.yaml").read_text()
+    )
+    k8s_source = yaml.safe_load(
+        k8s_docs("ConfigMap", "lbgat-grafana-provisioning")["data"]["datasources.yaml"]
+    )
+    for source, env, host in ((compose_source, compose_env, "http://prometheus:9090"),
+                              (k8s_source, head_env, head_env["RAY_PROMETHEUS_HOST"])):  # fmt: skip
+        (ds,) = source["datasources"]
+        assert ds["name"] == env["RAY_PROMETHEUS_NAME"] == "Prometheus" and ds["url"] == host
+    grafana_env = services()["grafana"]["environment"]
+    assert (
+        grafana_env["GF_SECURITY_ALLOW_EMBEDDING"] == "true"
+        and grafana_env["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+    )
+    k8s_grafana = k8s_docs("Deployment", "lbgat-grafana")["spec"]["template"]["spec"]
+    k8s_grafana_env = {e["name"]: e["value"] for e in k8s_grafana["containers"][0]["env"]}
+    assert k8s_grafana_env["GF_SECURITY_ALLOW_EMBEDDING"] == "true"
+
+
+def test_grafana_provisions_the_dashboards_that_service_grafana_writes(tmp_path):
+    # compose: the one-shot writes into the volume that Grafana's provider reads
+    oneshot = services()["grafana-dashboards"]
+    assert oneshot["restart"] == "no" and oneshot["image"] == services()["api"]["image"]
+    assert oneshot["command"][:3] == ["python", "-m", "service.grafana"]
+    out_dir = oneshot["command"][3]
+    assert f"grafana-dashboards:{out_dir}" in oneshot["volumes"]
+    provider = yaml.safe_load((MONITORING / "grafana/provisioning/dashboards/lbgat.yaml").read_text())
+    path = provider["providers"][0]["options"]["path"]
+    assert f"grafana-dashboards:{path}:ro" in services()["grafana"]["volumes"]
+    assert (
+        "./deploy/monitoring/grafana/provisioning:/etc/grafana/provisioning:ro"
+        in services()["grafana"]["volumes"]
+    )
+    assert services()["grafana"]["depends_on"]["grafana-dashboards"] == {
+        "condition": "service_completed_successfully"
+    }
+    dockerfile = (DEPLOY / "Dockerfile.api").read_text()
+    assert f"install -d -o lbgat -g lbgat {out_dir}" in dockerfile, "the volume must be writable by uid 10001"
+    # k8s: the init container writes where the Grafana container's provider reads
+    spec = k8s_docs("Deployment", "lbgat-grafana")["spec"]["template"]["spec"]
+    (init,) = spec["initContainers"]
+    k8s_provider = yaml.safe_load(
+        k8s_docs("ConfigMap", "lbgat-grafana-provisioning")["data"]["dashboards.yaml"]
+    )
+    k8s_path = k8s_provider["providers"][0]["options"]["path"]
+    assert init["image"].startswith("lbgat-orchestrator/api:") and init["command"] == [
+        "python",
+        "-m",
+        "service.grafana",
+        k8s_path,
+    ]
+    grafana_mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]}
+    assert grafana_mounts[k8s_path] == next(
+        m["name"] for m in init["volumeMounts"] if m["mountPath"] == k8s_path
+    )
+    # what it writes: Ray's generated dashboards (this Ray release's) and ours
+    from service.grafana import main
+
+    assert main([str(tmp_path)]) == 0
+    ours = json.loads((tmp_path / "lbgat" / "lbgat.json").read_text())
+    assert ours["uid"] == "lbgat-queue-training"
+    ray_files = {p.name for p in (tmp_path / "ray").glob("*.json")}
+    assert {"default_grafana_dashboard.json", "train_grafana_dashboard.json"} <= ray_files
+    for name in ray_files:
+        assert json.loads((tmp_path / "ray" / name).read_text())["panels"]
+
+
+def test_our_dashboard_queries_the_metrics_that_exist():
+    from service.grafana import all_queries, lbgat_dashboard
+    from service.metrics import ServiceMetrics
+    from workers.metrics_export import GAUGES
+
+    rendered = ServiceMetrics().render().decode()
+    service_names = set(re.findall(r"^# TYPE (\S+)", rendered, re.MULTILINE)) | {
+        "lbgat_jobs",
+        "lbgat_jobs_state_seconds_max",
+        "lbgat_jobs_state_seconds_mean",
+    }  # the queue gauges are read from a database at scrape time
+    ray_names = {f"ray_{name}" for name in GAUGES}
+    titles = [p["title"] for p in lbgat_dashboard()["panels"] if p["type"] != "row"]
+    assert {"Queue depth per state", "Accuracy per experiment", "Images/s per experiment"} <= set(titles)
+    used = set()
+    for query in all_queries():
+        for name in re.findall(r"\b(?:ray_)?lbgat_[a-z_]+\b", query):
+            name = name.removesuffix("_bucket")
+            used.add(name)
+            assert name in service_names | ray_names, f"{name} in {query!r} is exported by nothing"
+    assert {
+        "lbgat_jobs",
+        "lbgat_jobs_state_seconds_max",
+        "ray_lbgat_train_accuracy",
+        "ray_lbgat_train_images_per_second",
+    } <= used
+
+
+@pytest.mark.skipif(promtool is None, reason="promtool (Debian's prometheus package) is not installed")
+def test_our_dashboard_queries_parse(tmp_path):
+    from service.grafana import all_queries
+
+    rules = {
+        "groups": [
+            {
+                "name": "lbgat",
+                "rules": [{"record": f"lbgat:q{i}", "expr": q} for i, q in enumerate(all_queries())],
+            }
+        ]
+    }
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump(rules))
+    out = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
