@@ -15,20 +15,26 @@ real ones: experiments in each state the routes treat differently, with artifact
 delete. The fuzzer may revoke the token it authenticates with (DELETE /v1/tokens/1 is a likely
 case), which would turn every later request into a 401: a new admin token is issued when it does.
 
+Evaluations are seeded too: a succeeded training run, an evaluation of it that finished (with a
+result row, so the export answers) and one still queued; half the generated evaluation ids are
+swapped for those.
+
 No operation is excluded. The event stream and log following never end for a live job, so the stream
 is fuzzed on finished experiments only (it sends their events and `end`) and on missing ones (404);
 logs answer 503 without Ray before they could follow anything. Configured per operation, with the
 reasons next to them in CONFIG: 503 is the logs' expected answer here; a 413 rightly refuses an
-oversized submission; and three operations refuse some requests that are valid by the document for
-reasons no JSON Schema can state, so the check "valid data is accepted" is off for those three.
+oversized submission or upload; and some operations refuse requests that are valid by the document
+for reasons no JSON Schema can state (a spec's rules across fields, an opaque cursor, references that
+must resolve in the database, a protocol that must exist, a file that must be a checkpoint), so the
+check "valid data is accepted" is off for those.
 
 The document is read from an app built like the server's at import (the fixture checks that the
 server serves the same), so that pytest collects one test per operation and backend: schemathesis's
 lazy `from_fixture` loader does not run under pytest 9 (it sets `Function._nodeid`).
 
 Budget: `MAX_EXAMPLES` generated cases per operation in the fuzzing phase, plus the examples and
-coverage phases' deterministic cases, without shrinking: about 1,400 requests and 20-35 s per backend
-on 2 cores.
+coverage phases' deterministic cases, without shrinking: about 2,200 requests per backend (1,400 of
+them before the evaluation routes, 20-35 s on 2 cores; with them 130 s on SQLite on a busy machine).
 """
 
 from __future__ import annotations
@@ -74,6 +80,7 @@ class Fuzzed:
         self.experiments: list[str] = []  # never deleted
         self.doomed: list[str] = []  # for DELETE
         self.finished: list[str] = []  # for the event stream: no operation of the fuzzer reopens them
+        self.evaluations: list[str] = []  # a finished evaluation with a result row, a queued one
         self.artifacts = ["main/summary.json", "main/metrics.jsonl", "main/checkpoints/last.pt"]
         self.statuses: dict[int, int] = {}
 
@@ -142,6 +149,7 @@ def _seed(api: Api) -> Fuzzed:
         api.store.put_json(prefix + "main/summary.json", {"final": {"clean_accuracy": 0.9}})
         api.store.put_bytes(prefix + "main/metrics.jsonl", b'{"epoch": 1}\n')
         api.store.put_bytes(prefix + "main/checkpoints/last.pt", bytes(range(256)))
+    fuzzed.evaluations = _seed_evaluations(api, succeeded)
     fuzzed.doomed = [_submit(api, f"doomed-{i}") for i in range(8)]
     for exp_id in fuzzed.doomed[::2]:
         _move(api, exp_id, JobState.cancelled)
@@ -149,6 +157,46 @@ def _seed(api: Api) -> Fuzzed:
     _move(api, fuzzed.finished[0], JobState.cancelled)
     _move(api, fuzzed.finished[1], JobState.dispatching, JobState.failed, error="the fuzzer's failure")
     return fuzzed
+
+
+def _seed_evaluations(api: Api, trained: str) -> list[str]:
+    """A finished evaluation of `trained`'s last weights (its summary ingested as the scheduler does:
+    a result row the export reads) and a queued one."""
+    from api_schemas.evaluations import EvaluationSummary
+    from service.scheduler import Scheduler
+
+    api.store.put_bytes(experiment_prefix(trained, "main") + "checkpoints/last.pt", b"weights")
+    ids = []
+    for _ in range(2):
+        body = {"target": {"experiment": trained, "weights": "last"}, "protocol": "digits"}
+        r = api.admin.http.post("/v1/evaluations", json=body)
+        assert r.status_code == 201, r.text
+        ids.append(r.json()["id"])
+    attacks = [{"name": "autoattack", "kind": "autoattack", "accuracy": 0.4, "n_attacked": 450, "nrr": 0.55}]
+    summary = EvaluationSummary(
+        evaluation_id=ids[0],
+        protocol_id="digits",
+        protocol_version="1",
+        checkpoint_sha256="",
+        dataset="digits",
+        norm="linf",
+        eps=0.1,
+        n_examples=450,
+        n_total=450,
+        partial=False,
+        clean_accuracy=0.9,
+        attacks=attacks,
+        autoattack_accuracy=0.4,
+        robust_accuracy=0.4,
+        nrr=0.55,
+        seed=0,
+        shard_size=250,
+        n_shards=2,
+    )
+    api.store.put_json(experiment_prefix(ids[0]) + "eval/summary.json", summary.model_dump(mode="json"))
+    _move(api, ids[0], JobState.dispatching, JobState.running)
+    Scheduler(sessions=api.sessions, settings=api.settings, store=api.store, ray=None)._succeeded(ids[0])
+    return ids
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
@@ -228,6 +276,46 @@ CONFIG = schemathesis.Config.from_dict(
                 "include-path": "/v1/experiments/{experiment_id}/artifacts/{path}",
                 "checks": {"positive_data_acceptance": {"enabled": False}},
             },
+            {
+                # an evaluation's target, protocol and extended evaluation must resolve in the database
+                # (and the protocol fit the target's dataset and norm): a 422 naming the field
+                "include-path": "/v1/evaluations",
+                "include-method": "POST",
+                "checks": {
+                    "positive_data_acceptance": {"enabled": False},
+                    "negative_data_rejection": {"expected-statuses": [*NEGATIVE_REJECTED, "413"]},
+                },
+            },
+            {
+                # the protocol must exist (and be defined for the dataset)
+                "include-path": "/v1/evaluations/bulk",
+                "checks": {
+                    "positive_data_acceptance": {"enabled": False},
+                    "negative_data_rejection": {"expected-statuses": [*NEGATIVE_REJECTED, "413"]},
+                },
+            },
+            {
+                # `cursor` is opaque, as for the experiments
+                "include-path": "/v1/evaluations",
+                "include-method": "GET",
+                "checks": {"positive_data_acceptance": {"enabled": False}},
+            },
+            {
+                # any bytes fit the document's binary body; only a checkpoint is accepted (422 says why).
+                # Every case is inspected on disk: fewer of them.
+                "include-path": "/v1/checkpoints",
+                "include-method": "POST",
+                "generation": {"max-examples": 10},
+                "checks": {
+                    "positive_data_acceptance": {"enabled": False},
+                    "negative_data_rejection": {"expected-statuses": [*NEGATIVE_REJECTED, "413"]},
+                },
+            },
+            {
+                # a protocol named by the pattern must also exist: an unknown one is a 422 naming it
+                "include-path-regex": "^/v1/results/(leaderboard|transfer-matrix)$",
+                "checks": {"positive_data_acceptance": {"enabled": False}},
+            },
         ],
     }
 )
@@ -248,6 +336,11 @@ def _swap(case: Any, fuzzed: Fuzzed) -> None:
     the case would be valid while schemathesis expects it refused. (Path parameters are kept
     percent-encoded in the case.)"""
     parameters = case.path_parameters or {}
+    evaluation = parameters.get("evaluation_id")
+    if isinstance(evaluation, str) and "\x00" not in unquote(evaluation):
+        digest = zlib.crc32(evaluation.encode("utf-8", "surrogatepass"))
+        if digest % 2 == 0:
+            parameters["evaluation_id"] = fuzzed.evaluations[(digest >> 1) % len(fuzzed.evaluations)]
     generated = parameters.get("experiment_id")
     if not isinstance(generated, str) or "\x00" in unquote(generated):
         return
