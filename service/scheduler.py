@@ -296,6 +296,25 @@ def describe_failure(submission_id: str, message: str | None, logs: str, exit_co
     return Failure(one_line(error, MAX_ERROR_CHARS), log_tail, exit_code)
 
 
+_SUBMISSION_SEQ = re.compile(r"-a(\d+)$")
+
+
+def ray_submission_id(exp: Experiment) -> str:
+    """The Ray submission id of the job's next run: `<id>-a<N>`, N counting every run of the job.
+
+    Ray keeps a submission id for ever, so a job run again after a manual retry (which restarts the
+    attempt budget) must not reuse an earlier run's id: Ray would answer with that old run's state.
+    A claim whose submission failed (`dispatched_at` cleared) reuses its id, which keeps dispatch
+    idempotent when the failed call did reach Ray.
+    """
+    previous = _SUBMISSION_SEQ.search(exp.ray_job_id or "")
+    if previous is None:
+        return f"{exp.id}-a{exp.attempts + 1}"
+    if exp.dispatched_at is None:
+        return exp.ray_job_id
+    return f"{exp.id}-a{int(previous.group(1)) + 1}"
+
+
 class Scheduler:
     def __init__(
         self,
@@ -507,7 +526,7 @@ class Scheduler:
                     JobState.dispatching,
                     reason=f"attempt {attempt} of {exp.max_attempts}: submitting to Ray",
                     attempts=attempt,
-                    ray_job_id=f"{exp.id}-a{attempt}",
+                    ray_job_id=ray_submission_id(exp),
                     dispatched_at=utcnow(),
                     started_at=None,
                     gpus=gpus,
@@ -569,7 +588,7 @@ class Scheduler:
                         JobState.queued if exp.attempts <= 1 else JobState.retrying,
                         reason=f"submission failed, will try again: {why}",
                         attempts=exp.attempts - 1,
-                        ray_job_id=None,
+                        # the id stays: the next claim submits it again (Ray may have it already)
                         dispatched_at=None,
                     )
 

@@ -17,8 +17,8 @@ from api_schemas.presets import get_preset
 from service.auth import create_user
 from service.db.engine import make_engine, run_tx, session_factory
 from service.db.migrate import upgrade
-from service.db.models import Event, Experiment
-from service.jobs import create_experiment, transition
+from service.db.models import Event, Experiment, User
+from service.jobs import create_experiment, retry_experiment, transition
 from service.ray_jobs import RayJobs
 from service.scheduler import Scheduler
 from service.settings import ServiceSettings
@@ -108,6 +108,13 @@ def test_failed_attempt_is_retried_then_fails_with_the_reason(queue, database_ur
     ]
     # the spec the worker reads was written before the submission
     assert store.get_json(f"experiments/{exp_id}/spec.json")["name"] == "failing"
+
+    # a manual retry restarts the attempt budget but never reuses a Ray submission id: Ray keeps
+    # the old runs, and would answer for them
+    run_tx(sessions, lambda s: retry_experiment(s, s.get(Experiment, exp_id), user=s.get(User, owner.id)))
+    rows = run_until(scheduler, sessions, lambda r: r[exp_id].state == "failed")
+    assert rows[exp_id].attempts == 2 and rows[exp_id].ray_job_id == f"{exp_id}-a4"
+    assert RayJobs(ray_cluster).state(f"{exp_id}-a3").status == "FAILED"
 
 
 def test_a_claimed_job_whose_submission_was_lost_is_submitted_again(queue, database_url, ray_cluster):
