@@ -159,6 +159,8 @@ def _experiment_weights(
         raise Invalid((*loc, "trial"), f"{exp.id} is a single run: its trial is 'main'")
     trial = trials.get(target.trial)
     summary: dict[str, Any] = (trial.summary if trial is not None else None) or {}
+    if "final" not in summary:  # a sweep's trials.json row, not the trial's summary.json: the store says
+        summary = {}
     prefix = experiment_prefix(exp.id, target.trial)
     weights = target.weights
     if weights == "best":

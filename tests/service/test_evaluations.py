@@ -543,3 +543,39 @@ def test_another_team_sees_none_of_it_and_deleting_a_job_removes_its_rows(api: A
         assert (
             session.scalar(select(func.count()).select_from(EvalResult).where(EvalResult.job_id == job)) == 0
         )
+
+
+def test_a_sweeps_trial_is_evaluated_by_name(api: Api) -> None:
+    alice = api.person()
+    spec = digits_spec("sweep")
+    spec["sweep"] = {
+        "parameters": {"method.alpha": {"kind": "grid", "values": [0.0, 1.0]}},
+        "metric": "test_clean_accuracy",
+    }
+    r = alice.http.post("/v1/experiments", json={"spec": spec})
+    assert r.status_code == 201, r.text
+    sweep = r.json()["id"]
+    trials = [
+        {"trial": "t0", "robust_accuracy": 0.4, "clean_accuracy": 0.8},
+        {"trial": "t1", "robust_accuracy": 0.5, "clean_accuracy": 0.8},
+    ]
+    api.store.put_json(f"experiments/{sweep}/trials.json", trials)
+    for name in ("t0", "t1"):
+        api.store.put_bytes(f"experiments/{sweep}/{name}/checkpoints/last.pt", b"weights")
+    api.store.put_bytes(f"experiments/{sweep}/t1/checkpoints/best.pt", b"weights")
+    move(api, sweep, JobState.dispatching, JobState.running)
+    from tests.service.evaluations_helpers import scheduler
+
+    scheduler(api)._succeeded(sweep)
+    bulk = alice.http.post("/v1/evaluations/bulk", json={"protocol": "digits", "dry_run": True}).json()
+    assert "a sweep" in bulk["skipped"][sweep]
+    out = evaluate(alice, {"experiment": sweep, "trial": "t1"}, protocol="digits")
+    spec_t1 = job_spec(api, out["id"])
+    assert spec_t1.checkpoint.key == f"experiments/{sweep}/t1/checkpoints/best.pt"
+    assert out["target"] == f"{sweep}/t1:best"
+    r = alice.http.post(
+        "/v1/evaluations", json={"target": {"experiment": sweep, "trial": "t0"}, "protocol": "digits"}
+    )
+    assert errors_of(r) == ["body.target.weights"]  # t0 kept no best checkpoint
+    r = alice.http.post("/v1/evaluations", json={"target": {"experiment": sweep}, "protocol": "digits"})
+    assert errors_of(r) == ["body.target.trial"] and "t0, t1" in r.json()["detail"]
