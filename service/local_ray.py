@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,8 +89,13 @@ class LocalRay:
         #: the variables a driver of this head needs (token auth, loopback-only node address)
         self.env = local_ray_env(self.token_file)
         gcs_port, dashboard_port = free_port(), free_port()
+        # Its own Ray temp folder (short: Ray puts Unix sockets in it). Ray's job supervisor starts each
+        # job's driver with RAY_ADDRESS=auto, resolved from <temp>/ray_current_cluster, which in the
+        # shared /tmp/ray names whichever head started last on this machine: another of ours, a
+        # user's own, or one that died. Here it can only name this head.
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp" if os.path.isdir("/tmp") else None))
         cmd = [
-            _ray_cli(), "start", "--head", "--block", "--disable-usage-stats",
+            _ray_cli(), "start", "--head", "--block", "--disable-usage-stats", f"--temp-dir={self.temp_dir}",
             "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
@@ -162,12 +168,7 @@ class LocalRay:
             os.killpg(self.process.pid, signal.SIGKILL)  # anything left of the head's process group
         for pid, start_time in tree:  # and of its tree, where a process started a session of its own
             kill_if_same(pid, start_time)
-        # `ray start` records its address for later `ray.init()` calls on this machine; `ray stop` would
-        # remove it, but that stops every Ray here. Forget it only where it still names this head.
-        current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
-        with contextlib.suppress(OSError):
-            if current.read_text().strip().endswith(":" + self.address.rsplit(":", 1)[1]):
-                current.unlink()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)  # its sessions' logs and sockets
         if self._log is not subprocess.DEVNULL:
             self._log.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 
 import pytest
 
@@ -110,3 +111,34 @@ def test_the_processes_of_a_local_head_know_their_own_cluster(ray_head):
         return os.environ.get("RAY_ADDRESS"), os.environ.get("RAY_AUTH_MODE")
 
     assert ray.get(where.remote(), timeout=60) == (ray_head.address, "token")
+
+
+def test_a_job_driver_joins_its_own_head_while_another_head_runs(ray_head, tmp_path):
+    """Ray's job supervisor starts every driver with RAY_ADDRESS=auto, resolved from its temp
+    folder's ray_current_cluster: in a shared /tmp/ray, the newest head on the machine. Each of our
+    heads has a temp folder of its own, so a job's driver joins the head it was submitted to."""
+    from ray.job_submission import JobSubmissionClient
+
+    from service.local_ray import LocalRay
+    from tests.waiting import wait_for
+
+    newer = LocalRay(state_dir=tmp_path / "state", num_cpus=1, log_path=tmp_path / "newer.log")
+    try:
+        assert newer.temp_dir != ray_head.temp_dir
+        wait_for(
+            lambda: (newer.temp_dir / "ray_current_cluster").is_file(), timeout_s=30, what="its address file"
+        )
+        client = JobSubmissionClient(ray_head.dashboard_url)
+        job = client.submit_job(
+            entrypoint=f"{sys.executable} -c \"import os; print('address=' + os.environ['RAY_ADDRESS'])\"",
+            entrypoint_num_cpus=0,
+        )
+        wait_for(
+            lambda: str(client.get_job_status(job).value) in ("SUCCEEDED", "FAILED"),
+            timeout_s=60,
+            what="the job to end",
+        )
+        assert f"address={ray_head.address}" in client.get_job_logs(job)
+    finally:
+        newer.stop()
+    assert not newer.temp_dir.exists()
