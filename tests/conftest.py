@@ -82,7 +82,14 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     # The dashboard stays on: Ray Train's PlacementGroupCleaner asks the state API (served by the
     # dashboard) whether a trial's controller died; without it, trials that ASHA stops leak their
     # worker placement groups and the next trials wait forever for CPUs.
-    head = LocalRay(state_dir=RAY_STATE_DIR, num_cpus=2, log_path=tmp_path_factory.mktemp("ray") / "head.log")
+    # Workers export their application metrics every second (Ray's default: 10 s), so that a short
+    # training run's per-epoch gauges reach Prometheus in tests/e2e/test_web.py.
+    head = LocalRay(
+        state_dir=RAY_STATE_DIR,
+        num_cpus=2,
+        log_path=tmp_path_factory.mktemp("ray") / "head.log",
+        env={"RAY_metrics_report_interval_ms": "1000"},
+    )
     try:
         ray.init(address=head.address, log_to_driver=False)
         try:

@@ -25,10 +25,11 @@ from itertools import chain
 from typing import Annotated, Any
 from urllib.parse import quote, urlencode
 
-from fastapi import APIRouter, Depends, FastAPI, Form, Query, Request, status
+from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Query, Request, status
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response, StreamingResponse
 from jinja2 import Environment, PackageLoader, select_autoescape
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
@@ -177,8 +178,10 @@ def _read_session(request: Request) -> websession.WebSession | None:
             return None
         user, row = found
         if auth.touch_token(session, token):
-            with contextlib.suppress(Exception):  # best effort, as for API tokens
+            try:
                 session.commit()
+            except OperationalError:  # best effort, as for API tokens: a busy SQLite writer
+                session.rollback()
         return websession.WebSession(user=user, token_id=row.id, csrf=websession.csrf_token(settings, token))
 
 
@@ -603,8 +606,8 @@ def read_artifact(
         exp = jobs.get_experiment(session, experiment_id, viewer=web.user)
     try:
         key = artifact_key(exp.id, path)
-    except Exception as exc:  # artifact_key's 400 (an HTTPException) as a page
-        raise PageError(status.HTTP_400_BAD_REQUEST, str(getattr(exc, "detail", exc))) from None
+    except HTTPException as exc:  # artifact_key's 400, as a page
+        raise PageError(exc.status_code, str(exc.detail)) from None
     try:
         chunks = store.iter_chunks(key, CHUNK)
         first = next(chunks, b"")
@@ -719,12 +722,14 @@ def read_static(name: str) -> Response:
 
 
 def _signin_redirect(request: Request, exc: SignInRequired) -> Response:
-    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-    if request.method != "GET" or request.url.path.endswith(("/events", "/table", "/curves", "/log")):
+    if request.url.path.endswith(("/events", "/table", "/curves", "/log")):
         # a stream or a fragment that web.js fetches: say so plainly instead of redirecting
         return PlainTextResponse(
             "sign in first", status_code=status.HTTP_401_UNAUTHORIZED, headers=_headers()
         )
+    if request.method != "GET":  # a form posted after the session ended: sign in again
+        return RedirectResponse("/", status_code=status.HTTP_303_SEE_OTHER)
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     return RedirectResponse("/?" + urlencode({"next": target}), status_code=status.HTTP_303_SEE_OTHER)
 
 

@@ -181,6 +181,10 @@ def test_a_wrong_token_does_not_sign_in_and_pages_send_strangers_to_the_form(api
     for path in ("/queue", "/leaderboard", "/experiments/whatever"):
         r = browser.http.get(path)
         assert r.status_code == 303 and r.headers["location"].startswith("/?next="), path
+    for path in ("/queue/events", "/queue/table", "/experiments/whatever/curves", "/experiments/x/log"):
+        assert browser.http.get(path).status_code == 401, path  # what web.js fetches: no redirect
+    r = browser.http.post("/experiments/whatever/cancel", data={"csrf": "x"})
+    assert r.status_code == 303 and r.headers["location"] == "/"
     # after signing in, the browser goes where it was going, but never to another site
     alice = api.person()
     assert browser.sign_in(alice.token, "/leaderboard").headers["location"] == "/leaderboard"
