@@ -7,13 +7,14 @@ the experiment routes (`/v1/experiments/{id}/...`), which take evaluation ids as
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from api_schemas.evaluation_views import EvaluationDetail, EvaluationOut, EvaluationPage
 from api_schemas.evaluations import BulkEvaluation, BulkResult, EvaluationCreate
@@ -45,7 +46,7 @@ _422 = (
 )
 
 
-def _body(model: type[BaseModel]) -> dict:
+def _body(model: type[BaseModel]) -> dict[str, Any]:
     return {
         "requestBody": {
             "required": True,
@@ -119,8 +120,6 @@ async def create_evaluation(
     idempotency_key: IdempotencyKey = None,
 ) -> EvaluationOut:
     """Everything is resolved and checked before the job is queued; the scheduler is woken at once."""
-    from starlette.concurrency import run_in_threadpool
-
     body = await _read_json(request, settings, EvaluationCreate)
     assert isinstance(body, EvaluationCreate)
 
@@ -178,8 +177,6 @@ async def create_bulk_evaluations(
 ) -> BulkResult:
     """`skipped` says why each other experiment got no evaluation; `dry_run` queues nothing and lists
     in `queued` the experiments that would be evaluated."""
-    from starlette.concurrency import run_in_threadpool
-
     body = await _read_json(request, settings, BulkEvaluation)
     assert isinstance(body, BulkEvaluation)
 
