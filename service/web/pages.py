@@ -33,6 +33,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from api_schemas.protocols import Protocol, UnknownProtocol, get_protocol
 from service import auth, jobs
 from service.api import sse
 from service.api.deps import SchedulerLike, get_ray, get_scheduler, get_sessions, get_settings, get_store
@@ -653,8 +654,33 @@ def read_leaderboard(
             raise PageError(
                 status.HTTP_422_UNPROCESSABLE_CONTENT, f"threat model {threat!r}: give `<norm> <eps>`"
             ) from None
-    filters = {"dataset": dataset, "norm": norm, "eps": eps, "method": method, "protocol": protocol}
+    filters = {"dataset": dataset, "norm": norm, "eps": eps, "method": method}
     chosen = list(dict.fromkeys(compare or []))
+    base = {
+        k: v
+        for k, v in {"dataset": dataset, "threat": threat, "method": method, "protocol": protocol}.items()
+        if v
+    }
+
+    def sort_link(column: str) -> str:
+        flip = "asc" if sort == column and order == "desc" else "desc"
+        return "/leaderboard?" + urlencode({**base, "sort": column, "order": flip})
+
+    common = {
+        "filters": {
+            "dataset": dataset or "",
+            "threat": threat or "",
+            "method": method or "",
+            "protocol": protocol or "",
+        },
+        "sort": sort,
+        "order": order,
+        "sort_link": sort_link,
+        "chosen": set(chosen),
+    }
+    if protocol:
+        context = _protocol_board(sessions, web.user, protocol, filters, chosen, sort, order, limit)
+        return render(request, "leaderboard.html", web=web, title="Leaderboard", **common, **context)
     with sessions() as session, page_errors():
         rows = views.leaderboard_rows(session, web.user, filters, limit)
         choices = views.filter_choices(session, web.user)
@@ -669,39 +695,63 @@ def read_leaderboard(
     attacks = list(dict.fromkeys(name for row in compared for name in row.attacks))
     rank = {row.experiment_id: index + 1 for index, row in enumerate(rows)}
     shown = views.sort_rows(list(rows), sort, order == "desc")
-    base = {
-        k: v
-        for k, v in {"dataset": dataset, "threat": threat, "method": method, "protocol": protocol}.items()
-        if v
-    }
-
-    def sort_link(column: str) -> str:
-        flip = "asc" if sort == column and order == "desc" else "desc"
-        return "/leaderboard?" + urlencode({**base, "sort": column, "order": flip})
-
     return render(
         request,
         "leaderboard.html",
         web=web,
         title="Leaderboard",
+        board="experiments",
         rows=shown,
         rank=rank,
         choices=choices,
-        filters={
-            "dataset": dataset or "",
-            "threat": threat or "",
-            "method": method or "",
-            "protocol": protocol or "",
-        },
-        sort=sort,
-        order=order,
-        sort_link=sort_link,
-        chosen=set(chosen),
+        selected_protocol="",
         compared=compared,
         attacks=attacks,
         scatter=views.board_scatter(shown, chosen),
-        protocol_filter=views.leaderboard_supports("protocol"),
+        **common,
     )
+
+
+def _protocol_board(
+    sessions: sessionmaker[Session],
+    user: User,
+    protocol: str,
+    filters: dict[str, Any],
+    chosen: list[str],
+    sort: str | None,
+    order: str,
+    limit: int,
+) -> dict[str, Any]:
+    """The board of one protocol's (checkpoint, protocol) rows; `compare` picks rows of it by
+    `<job id>:<weights>` (views.row_key)."""
+    with sessions() as session, page_errors():
+        selected = views.protocol_key(protocol)  # an unknown protocol: 422, naming the known ones
+        rows = views.protocol_rows(session, user, protocol, filters, limit)
+        choices = views.filter_choices(session, user)
+    if selected not in {c.key for c in choices.protocols}:
+        choices.protocols.insert(0, views.ProtocolChoice(selected, results=len(rows)))
+    groups = views.protocol_groups(rows, sort, order == "desc")
+    by_key = {views.row_key(row): row for row in rows}
+    compared = [by_key[key] for key in chosen if key in by_key]
+    return {
+        "board": "protocol",
+        "groups": groups,
+        "n_rows": len(rows),
+        "choices": choices,
+        "selected_protocol": selected,
+        "protocol_info": _protocol_info(selected),
+        "compared": compared,
+        "not_compared": [key for key in chosen if key not in by_key],
+        "attacks": list(dict.fromkeys(name for row in compared for name in row.attacks)),
+        "scatter": views.protocol_scatter(groups, chosen),
+    }
+
+
+def _protocol_info(key: str) -> Protocol | None:
+    try:
+        return get_protocol(key)
+    except UnknownProtocol:  # custom suites: their version is a hash, not a shipped protocol
+        return None
 
 
 # -- static files ------------------------------------------------------------------------------------

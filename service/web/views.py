@@ -3,21 +3,23 @@ API's), the scheduler's queue view, the artifact store and Ray; no HTTP here."""
 
 from __future__ import annotations
 
-import inspect
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import yaml
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from api_schemas.evaluations import EvaluationResultRow
 from api_schemas.jobs import JobState, ResultRow
+from api_schemas.protocols import list_protocols
 from api_schemas.results import nrr
 from service import jobs
-from service.db.models import Experiment, User
+from service.db.models import EvalResult, Experiment, User
+from service.leaderboard import protocol_filter, protocol_leaderboard
 from service.web.svg import Point, Series, line_chart, scatter
 
 log = logging.getLogger("service.web")
@@ -330,7 +332,8 @@ def log_tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
 
 # -- leaderboard -------------------------------------------------------------------------------------
 
-SORTABLE = {
+# columns the experiments' board sorts by (ResultRow)
+SORTABLE: dict[str, Callable[[Any], Any]] = {
     "name": lambda r: r.name.lower(),
     "owner": lambda r: r.owner.lower(),
     "method": lambda r: r.method,
@@ -343,26 +346,110 @@ SORTABLE = {
     "finished_at": lambda r: r.finished_at,
 }
 
+# columns a protocol's board sorts by (EvaluationResultRow), within a block (see protocol_groups)
+PROTOCOL_SORTABLE: dict[str, Callable[[Any], Any]] = {
+    "rank": lambda r: r.rank,
+    "name": lambda r: r.name.lower(),
+    "weights": lambda r: r.weights,
+    "n_examples": lambda r: r.n_examples,
+    "clean_accuracy": lambda r: r.clean_accuracy,
+    "autoattack_accuracy": lambda r: r.autoattack_accuracy,
+    "robust_accuracy": lambda r: r.robust_accuracy,
+    "nrr": lambda r: r.nrr,
+}
 
-def sort_rows(rows: list[ResultRow], key: str | None, descending: bool) -> list[ResultRow]:
+
+def sort_rows(
+    rows: list[Any],
+    key: str | None,
+    descending: bool,
+    columns: Mapping[str, Callable[[Any], Any]] = SORTABLE,
+) -> list[Any]:
     """Rows by a column, missing values last whichever the direction; None keeps the ranking."""
-    if not key or key not in SORTABLE:
+    if not key or key not in columns:
         return rows
-    read = SORTABLE[key]
+    read = columns[key]
     present = [r for r in rows if read(r) is not None]
     missing = [r for r in rows if read(r) is None]
     return sorted(present, key=read, reverse=descending) + missing
 
 
-def leaderboard_supports(name: str) -> bool:
-    """Whether service.jobs.leaderboard takes the filter `name` (protocols arrive with evaluations)."""
-    return name in inspect.signature(jobs.leaderboard).parameters
-
-
 def leaderboard_rows(session: Session, user: User, filters: dict[str, Any], limit: int) -> list[ResultRow]:
-    """jobs.leaderboard with the filters it knows; a filter it does not take yet is dropped."""
-    accepted = {k: v for k, v in filters.items() if v not in (None, "") and leaderboard_supports(k)}
-    return jobs.leaderboard(session, viewer=user, limit=limit, **accepted)
+    """The experiments' board: finished training runs (service.jobs.leaderboard)."""
+    return jobs.leaderboard(
+        session,
+        viewer=user,
+        dataset=filters.get("dataset") or None,
+        norm=filters.get("norm") or None,
+        eps=filters.get("eps"),
+        method=filters.get("method") or None,
+        limit=limit,
+    )
+
+
+def protocol_rows(
+    session: Session, user: User, protocol: str, filters: dict[str, Any], limit: int
+) -> list[EvaluationResultRow]:
+    """A protocol's board (service.leaderboard.protocol_leaderboard): (checkpoint, protocol) rows,
+    one protocol version at a time, partial rows below full ones. An unknown protocol is a 422."""
+    return protocol_leaderboard(
+        session,
+        viewer=user,
+        protocol=protocol,
+        dataset=filters.get("dataset") or None,
+        norm=filters.get("norm") or None,
+        eps=filters.get("eps"),
+        method=filters.get("method") or None,
+        limit=limit,
+    )
+
+
+def protocol_key(protocol: str) -> str:
+    """The select's value for what the URL named: 'lbgat' -> 'lbgat@1' (its latest version);
+    'custom' (every custom suite) and 'custom@<hash>' stay as they are."""
+    chosen = protocol_filter(protocol, None)
+    return f"{chosen.id}@{chosen.version}" if chosen.version else protocol
+
+
+def row_key(row: EvaluationResultRow) -> str:
+    """What identifies a row on a protocol's board: its job and weights (a training run may report
+    its best and its last weights under one protocol)."""
+    return f"{row.evaluation_id}:{row.weights}"
+
+
+@dataclass
+class RowGroup:
+    """Consecutive rows of one protocol version, all full or all partial: one <tbody>."""
+
+    protocol: str
+    partial: bool
+    rows: list[EvaluationResultRow]
+
+
+def protocol_groups(rows: Sequence[EvaluationResultRow], key: str | None, descending: bool) -> list[RowGroup]:
+    """The query's rows cut into blocks, one per (protocol version, full or partial), in its order
+    (full before partial), each block sorted by `key` (None keeps the ranking).
+
+    Sorting stays within the partial boundary: a heading sorts the full rows among themselves and
+    the partial rows among themselves, never a partial row above a full one, nor one protocol's
+    rows among another's. The page gives each block its own <tbody>, which web.js sorts apart."""
+    groups: list[RowGroup] = []
+    for row in rows:
+        protocol = f"{row.protocol_id}@{row.protocol_version}"
+        if groups and groups[-1].protocol == protocol and groups[-1].partial == row.partial:
+            groups[-1].rows.append(row)
+        else:
+            groups.append(RowGroup(protocol, row.partial, [row]))
+    for group in groups:
+        group.rows = sort_rows(group.rows, key, descending, PROTOCOL_SORTABLE)
+    return groups
+
+
+@dataclass
+class ProtocolChoice:
+    key: str
+    title: str | None = None
+    results: int = 0
 
 
 @dataclass
@@ -370,29 +457,40 @@ class FilterChoices:
     datasets: list[str]
     methods: list[str]
     threat_models: list[tuple[str, float]]
-    protocols: list[str]
+    #: the team's protocols with results first (custom suites among them), then the shipped rest
+    protocols: list[ProtocolChoice]
+
+
+def _protocol_choices(session: Session, user: User) -> list[ProtocolChoice]:
+    count = func.count(EvalResult.id)
+    query = (
+        select(EvalResult.protocol_id, EvalResult.protocol_version, count)
+        .where(EvalResult.transfer_source.is_(None))  # as the board: transfer rows are not on it
+        .group_by(EvalResult.protocol_id, EvalResult.protocol_version)
+    )
+    if not user.is_admin:
+        query = query.where(EvalResult.team_id == user.team_id)
+    titles = {p.key: p.title for p in list_protocols()}
+    present = {f"{pid}@{version}": n for pid, version, n in session.execute(query).all()}
+    with_results = [ProtocolChoice(key, titles.get(key), n) for key, n in sorted(present.items())]
+    shipped = [ProtocolChoice(key, title) for key, title in titles.items() if key not in present]
+    return with_results + shipped
 
 
 def filter_choices(session: Session, user: User) -> FilterChoices:
-    """The values present among the finished experiments the user may see."""
+    """The values present among the finished experiments and the results the user may see, and
+    the protocols: the shipped ones and those of the team's results."""
     query = select(Experiment.dataset, Experiment.method, Experiment.norm, Experiment.eps).where(
         Experiment.state == JobState.succeeded.value
     )
     if not user.is_admin:
         query = query.where(Experiment.team_id == user.team_id)
     rows = session.execute(query.distinct()).all()
-    protocols: list[str] = []
-    protocol_column = getattr(Experiment, "protocol", None)
-    if protocol_column is not None and leaderboard_supports("protocol"):
-        pq = select(protocol_column).where(protocol_column.is_not(None))
-        if not user.is_admin:
-            pq = pq.where(Experiment.team_id == user.team_id)
-        protocols = sorted({p for (p,) in session.execute(pq.distinct()).all() if p})
     return FilterChoices(
         datasets=sorted({r.dataset for r in rows}),
-        methods=sorted({r.method for r in rows}),
+        methods=sorted({r.method for r in rows if r.method}),
         threat_models=sorted({(r.norm, float(r.eps)) for r in rows}),
-        protocols=protocols,
+        protocols=_protocol_choices(session, user),
     )
 
 
@@ -419,4 +517,40 @@ def board_scatter(rows: Sequence[ResultRow], selected: Iterable[str] = ()) -> st
         y_label="robust accuracy (AutoAttack, else worst attack)",
         front=pareto_front(points),
         empty="no finished experiment matches these filters",
+    )
+
+
+def protocol_scatter(groups: Sequence[RowGroup], selected: Iterable[str] = ()) -> str | None:
+    """A protocol's rows, clean vs robust accuracy; the Pareto front through the full rows only
+    (partial rows are plotted, and labelled so, but rank below full ones). None when the rows
+    span several protocol versions: their numbers do not compare on one plot."""
+    if len({g.protocol for g in groups}) > 1:
+        return None
+    chosen = set(selected)
+    points, full = [], []
+    for group in groups:
+        for r in group.rows:
+            robust_acc = r.autoattack_accuracy if r.autoattack_accuracy is not None else r.robust_accuracy
+            marks = [f"{r.evaluation_id}, {r.weights}"]
+            if r.partial:
+                marks.append(f"partial {r.n_examples}/{r.n_total or '?'}")
+            if r.test_selected:
+                marks.append("test-selected")
+            point = Point(
+                r.clean_accuracy,
+                robust_acc,
+                f"{r.name} ({', '.join(marks)})",
+                href=f"/experiments/{r.evaluation_id}",
+                highlight=row_key(r) in chosen,
+            )
+            points.append(point)
+            if not r.partial:
+                full.append(point)
+    return scatter(
+        points,
+        title="Clean vs robust accuracy of the rows shown",
+        x_label="clean accuracy",
+        y_label="robust accuracy (AutoAttack, else worst case)",
+        front=pareto_front(full),
+        empty="no result under this protocol matches these filters",
     )

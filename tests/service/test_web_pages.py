@@ -19,6 +19,7 @@ from service.db.engine import run_tx
 from service.db.models import ApiToken, Event, Experiment, Trial
 from service.web.sessions import SESSION_COOKIE, SESSION_LABEL, SIGNIN_COOKIE
 from tests.service.conftest import Api, Person, digits_spec
+from tests.service.evaluations_helpers import evaluate, finish_evaluation, job_spec, trained
 from tests.service.test_api import set_state
 
 CSRF = re.compile(r'name="csrf" value="([^"]+)"')
@@ -403,8 +404,102 @@ def test_leaderboard_filters_sorts_plots_and_compares(api: Api) -> None:
     side = compared.text.split('id="comparison"')[1]
     assert "board-a" in side and "board-b" in side and "cw20" in side and "fgsm" in side
     assert "53.0%" in side and "62.0%" in side
-    # a protocol filter is accepted and passed on where the leaderboard knows protocols
-    assert browser.http.get("/leaderboard", params={"protocol": "cifar10-linf-v1"}).status_code == 200
+    # a protocol switches to that protocol's board; one that does not exist is refused, named
+    r = browser.http.get("/leaderboard", params={"protocol": "cifar10-linf-v1"})
+    assert r.status_code == 422 and "unknown protocol" in r.text and "robustbench-linf" in r.text
+
+
+def _board(html: str) -> str:
+    return html.split('id="leaderboard"')[1].split("</table>")[0]
+
+
+def _row(board: str, key: str) -> str:
+    return board.split(f'data-row="{key}"')[1].split("</tr>")[0]
+
+
+def _keys(board: str) -> list[str]:
+    return re.findall(r'<tr data-row="([^"]+)"', board)
+
+
+def test_leaderboard_shows_a_protocols_rows_partial_below_full_and_marked(api: Api) -> None:
+    rita, sam = api.person(), api.person()
+    teammate = api.person(rita.team)
+    # a: its training run reported under digits@1 -> a full row of its own
+    a = trained(api, rita, "pb-a", aa=0.50, summary_extra={"protocol_id": "digits", "protocol_version": "1"})
+    b = trained(api, teammate, "pb-b", selection_split="test")
+    c = trained(api, rita, "pb-c")
+    full_b = evaluate(teammate, b, protocol="digits")["id"]
+    finish_evaluation(api, full_b, clean=0.80, attacks={"pgd20": 0.60}, aa=0.48)
+    # better numbers on 100 of 450 examples: still below every full row
+    partial_c = evaluate(rita, c, protocol="digits", n_examples=100)["id"]
+    finish_evaluation(api, partial_c, clean=0.95, attacks={"pgd20": 0.90}, aa=0.90, n_total=450)
+    custom = evaluate(
+        rita, c, suite={"threat_model": {"eps": 0.1, "step_size": 0.01}, "attacks": [{"kind": "fgsm"}]}
+    )["id"]
+    finish_evaluation(api, custom, clean=0.95, attacks={"fgsm": 0.99})
+    custom_key = f"custom@{job_spec(api, custom).protocol_version}"
+    outsider = trained(api, sam, "pb-outsider")
+    theirs = evaluate(sam, outsider, protocol="digits")["id"]
+    finish_evaluation(api, theirs, clean=0.99, attacks={"pgd20": 0.99}, aa=0.99)
+
+    browser = signed_in(api, rita)
+    # the default view is still the experiments' board; the select offers the protocols
+    home = browser.page("/leaderboard").text
+    select = home.split('<select name="protocol">')[1].split("</select>")[0]
+    assert '<option value="">experiments (training suites)</option>' in select
+    with_results = select.split('label="protocols with results"')[1].split("</optgroup>")[0]
+    assert '<option value="digits@1">digits@1 (3 results)' in with_results
+    assert f'<option value="{custom_key}">' in with_results
+    assert '<option value="lbgat@1" title="LBGAT paper' in select.split('label="shipped protocols"')[1]
+    assert 'data-board="protocol"' not in home and f'data-experiment="{a}"' in home
+
+    html = browser.page("/leaderboard", protocol="digits@1").text
+    assert '<option value="digits@1" selected>' in html
+    board = _board(html)
+    keys = _keys(board)
+    assert [k.split(":")[0] for k in keys] == [a, full_b, partial_c], "partial 0.90 below full 0.48"
+    assert theirs not in html and "pb-outsider" not in html, "another team's rows"
+    full_body, partial_body = board.split('<tbody class="full"')[1], board.split('<tbody class="partial"')[1]
+    assert full_body.index(keys[1]) < board.index('<tbody class="partial"')
+    assert keys[2] in partial_body and "partial rows" in partial_body
+    row_c = _row(board, keys[2])
+    assert "100 / 450" in row_c and 'class="tag partial"' in row_c and ">partial</abbr>" in row_c
+    row_b = _row(board, keys[1])
+    assert ">test-selected</abbr>" in row_b and "450 / 450" in row_b and "partial</abbr>" not in row_b
+    assert f'href="/experiments/{full_b}"' in row_b and f'href="/experiments/{b}"' in row_b
+    assert "test-selected" not in _row(board, keys[0]) and "digits@1" in row_b
+    assert ">1<" in _row(board, keys[0]) and ">3<" in row_c, "rank within the protocol"
+
+    # sorting on the server stays within the partial boundary, either direction
+    for order, full in (("desc", [a, full_b]), ("asc", [full_b, a])):
+        keys_sorted = _keys(
+            _board(browser.page("/leaderboard", protocol="digits@1", sort="clean_accuracy", order=order).text)
+        )
+        assert [k.split(":")[0] for k in keys_sorted] == [*full, partial_c], order
+
+    # the scatter plots the rows (the partial one labelled so); compare works on these rows
+    chart = html.split('class="chart-box"')[1].split("</figure>")[0]
+    assert chart.count('class="point"') == 3 and "partial 100/450" in chart
+    compared = browser.http.get(
+        "/leaderboard", params=[("protocol", "digits@1"), ("compare", keys[0]), ("compare", keys[2])]
+    )
+    side = compared.text.split('id="comparison"')[1]
+    assert "pgd20" in side and "100 / 450" in side and "95.0%" in side and "50.0%" in side
+    assert 'class="chosen"' in _board(compared.text)
+
+    # a custom suite's board, a protocol without its version, and no results yet
+    custom_board = _board(browser.page("/leaderboard", protocol=custom_key).text)
+    assert [k.split(":")[0] for k in _keys(custom_board)] == [custom]
+    every_custom = browser.page("/leaderboard", protocol="custom").text
+    assert '<option value="custom" selected>' in every_custom and custom in every_custom
+    assert 'id="no-scatter"' in every_custom, "several custom suites: no plot mixes them"
+    latest = browser.page("/leaderboard", protocol="lbgat").text
+    assert '<option value="lbgat@1" selected' in latest and "No result under lbgat@1" in latest
+
+    # another team sees its own row only, and none of this team's protocols
+    outsider_html = signed_in(api, sam).page("/leaderboard", protocol="digits@1").text
+    assert [k.split(":")[0] for k in _keys(_board(outsider_html))] == [theirs]
+    assert custom_key not in outsider_html and partial_c not in outsider_html
 
 
 # -- team rules --------------------------------------------------------------------------------------

@@ -122,8 +122,6 @@
       if (!link) return;
       link.addEventListener("click", function (ev) {
         ev.preventDefault();
-        var body = table.tBodies[0];
-        var rows = Array.prototype.slice.call(body.rows).filter(function (r) { return r.cells.length === heads.length; });
         var desc = th.getAttribute("aria-sort") !== "descending";
         heads.forEach(function (h) { h.removeAttribute("aria-sort"); });
         th.setAttribute("aria-sort", desc ? "descending" : "ascending");
@@ -133,15 +131,21 @@
           var n = parseFloat(raw);
           return raw === "" || raw === "–" ? null : (isNaN(n) || cell.dataset.sort === undefined && !/^[-\d.]/.test(raw) ? raw.toLowerCase() : n);
         }
-        rows.sort(function (a, b) {
+        function order(a, b) {
           var x = key(a), y = key(b);
           if (x === null) return y === null ? 0 : 1;
           if (y === null) return -1;
           if (x < y) return desc ? 1 : -1;
           if (x > y) return desc ? -1 : 1;
           return 0;
+        }
+        // each <tbody> apart, as the server sorts: a protocol's board keeps its partial rows in a
+        // body of their own, below the full ones, and a heading never mixes the two
+        Array.prototype.forEach.call(table.tBodies, function (body) {
+          var rows = Array.prototype.slice.call(body.rows).filter(function (r) { return r.cells.length === heads.length; });
+          rows.sort(order);
+          rows.forEach(function (r) { body.appendChild(r); });
         });
-        rows.forEach(function (r) { body.appendChild(r); });
         history.replaceState(null, "", link.href);
       });
     });
