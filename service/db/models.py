@@ -165,6 +165,27 @@ class Experiment(Base):
     gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0, doc="charged GPU-seconds of past attempts")
 
     latest_metrics: Mapped[dict[str, Any] | None] = mapped_column(nullable=True)
+
+    # preemption (migration 0004): a job asked to make way for a higher-priority one
+    preempted_by: Mapped[str | None] = mapped_column(
+        String(64), nullable=True, doc="the job this one is (or was last) preempted for"
+    )
+    preempt_requested_at: Mapped[datetime | None] = mapped_column(
+        nullable=True, doc="when the scheduler asked the running attempt to checkpoint and stop"
+    )
+    preemptions: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_checkpoint_at: Mapped[datetime | None] = mapped_column(
+        nullable=True, doc="when the running attempt last stored a checkpoint (from its metrics)"
+    )
+    lost_gpu_seconds: Mapped[float] = mapped_column(
+        Float,
+        default=0.0,
+        server_default="0",
+        doc="charged GPU-seconds whose work was lost (preemption, failure)",
+    )
+    estimated_start_at: Mapped[datetime | None] = mapped_column(
+        nullable=True, doc="the scheduler's latest estimate of when this waiting job starts"
+    )
     results: Mapped[dict[str, Any] | None] = mapped_column(nullable=True, doc="a ResultRow, when finished")
     clean_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
     robust_accuracy: Mapped[float | None] = mapped_column(Float, nullable=True)
@@ -278,3 +299,98 @@ class EvalResult(Base):
 
     owner: Mapped[User] = relationship(lazy="joined", foreign_keys=[owner_id])
     team: Mapped[Team] = relationship(lazy="joined", foreign_keys=[team_id])
+
+
+class StartEstimate(Base):
+    """An estimated start time as the scheduler made it, kept so that its error can be measured
+    once the job starts (`started_at - estimated_start`)."""
+
+    __tablename__ = "start_estimates"
+    __table_args__ = (Index("ix_start_estimates_experiment_made", "experiment_id", "made_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    experiment_id: Mapped[str] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"))
+    made_at: Mapped[datetime] = mapped_column(default=utcnow)
+    estimated_start: Mapped[datetime] = mapped_column()
+    position: Mapped[int] = mapped_column(Integer)
+
+
+class UsageRecord(Base):
+    """One attempt's use of the cluster, written when the attempt leaves `running`: the accounting
+    ledger (GPU- and CPU-hours per user, team and method; hours lost to preemption and failures)."""
+
+    __tablename__ = "usage_records"
+    __table_args__ = (
+        Index("ix_usage_records_team_ended", "team_id", "ended_at"),
+        Index("ix_usage_records_user_ended", "user_id", "ended_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    experiment_id: Mapped[str] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    team_id: Mapped[int] = mapped_column(ForeignKey("teams.id"))
+    method: Mapped[str] = mapped_column(String(32))
+    kind: Mapped[str] = mapped_column(String(16), default="training")
+    gpus: Mapped[float] = mapped_column(Float, default=0.0)
+    cpus: Mapped[float] = mapped_column(Float, default=0.0)
+    started_at: Mapped[datetime] = mapped_column()
+    ended_at: Mapped[datetime] = mapped_column()
+    gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    cpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    outcome: Mapped[str] = mapped_column(
+        String(16), doc="succeeded | failed | retrying | preempted | cancelled | lost"
+    )
+    lost_gpu_seconds: Mapped[float] = mapped_column(
+        Float, default=0.0, doc="of gpu_seconds, the part whose work is lost (since the last checkpoint)"
+    )
+
+
+class TeamBudget(Base):
+    """GPU-hours a team may use per period; once spent its jobs get lower priority or are held."""
+
+    __tablename__ = "team_budgets"
+
+    team_id: Mapped[int] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), primary_key=True)
+    period: Mapped[str] = mapped_column(String(8), doc="day | week | month")
+    gpu_hours: Mapped[float] = mapped_column(Float)
+    action: Mapped[str] = mapped_column(String(16), doc="lower_priority | hold")
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Webhook(Base):
+    """A URL told about a user's or a team's jobs, each request signed with `secret` (HMAC-SHA256)."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="CASCADE"), nullable=True, index=True
+    )
+    team_id: Mapped[int | None] = mapped_column(
+        ForeignKey("teams.id", ondelete="CASCADE"), nullable=True, index=True
+    )
+    created_by: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    url: Mapped[str] = mapped_column(String(2048))
+    secret: Mapped[str] = mapped_column(String(128), doc="signing key; shown once, at creation")
+    events: Mapped[list[Any]] = mapped_column(default=list)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One event for one webhook: delivered by a background sender, retried with backoff."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_due", "delivered_at", "next_attempt_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    webhook_id: Mapped[int] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"), index=True)
+    event: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[dict[str, Any]] = mapped_column()
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(nullable=True)
+    failed_at: Mapped[datetime | None] = mapped_column(nullable=True, doc="gave up after the last retry")
+    last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -93,13 +93,22 @@ def test_migration_0003_adds_kinds_checkpoints_and_results(database_url: str) ->
                     "false, 0, false, 1, 0.1, '{}', 'x', 0, 2, false, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, 0)"
                 )
             )
-        upgrade(engine)
+        upgrade(engine, "0003")
         assert current_revision(engine) == "0003"
         tables = set(inspect(engine).get_table_names())
         assert {"checkpoints", "eval_results"} <= tables
         with engine.connect() as conn:
             assert conn.execute(text("SELECT kind FROM experiments WHERE id = 'old'")).scalar() == "training"
+        upgrade(engine)
+        with engine.connect() as conn:  # the models and the migrated schema (head) agree
             assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+            # 0004: the queued job keeps its place; no preemption, nothing lost yet
+            row = conn.execute(text("SELECT preemptions, lost_gpu_seconds FROM experiments WHERE id = 'old'"))
+            assert tuple(row.one()) == (0, 0.0)
+        downgrade(engine, "0003")
+        assert not {"usage_records", "team_budgets", "webhooks", "start_estimates"} & set(
+            inspect(engine).get_table_names()
+        )
         downgrade(engine, "0002")
         assert not {"checkpoints", "eval_results"} & set(inspect(engine).get_table_names())
         assert "kind" not in {c["name"] for c in inspect(engine).get_columns("experiments")}
