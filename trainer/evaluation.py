@@ -512,7 +512,8 @@ def evaluate_records(
     - `seed`, `shard`: the derived seeds of every random start (see `shard_seed`).
     - `skip`: bool [n, k]; True keeps attack j off example i (its entry is -1).
     - `reuse`: records of the same examples under the first `reuse.n_attacks` attacks (an evaluation
-      being strengthened); those columns, the clean correctness and the images are copied, not recomputed.
+      being strengthened); those columns, the clean correctness and the images are copied, not
+      recomputed (records without images give the clean input for the examples they broke).
     - `incremental_from`: the first column that runs only on the examples still robust to every
       earlier attack (default: `reuse.n_attacks` when reusing, else none).
     - `transfer_sources`: source models of the transfer attacks by their `source_checkpoint`

@@ -62,7 +62,7 @@ from trainer.data import DATASET_INFO, ArrayDataset, DatasetNotFoundError, canon
 from trainer.evaluation import ExampleRecords, evaluate_records
 from trainer.loop import load_test_split
 from trainer.provenance import provenance
-from workers.settings import StoreSettings
+from workers.settings import StoreSettings, gpu_resource
 from workers.storage import ArtifactStore, KeyNotFound, experiment_prefix, open_store
 
 log = logging.getLogger("workers.evaluation")
@@ -524,19 +524,24 @@ def _brief(acc: dict[str, float]) -> str:
 def cluster_has_gpus() -> bool:
     import ray
 
-    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    return ray.is_initialized() and ray.cluster_resources().get(gpu_resource(), 0) > 0
 
 
 def _actor_options(spec: EvaluationJobSpec, settings: StoreSettings, use_gpu: bool) -> dict[str, Any]:
+    """Each actor's CPUs and, where GPUs are used, `gpus_per_worker` of the GPU resource
+    (LBGAT_GPU_RESOURCE: a custom resource standing for a GPU is held, the actor runs on CPUs)."""
+    name = gpu_resource()
     options: dict[str, Any] = {
         "num_cpus": spec.cpus_per_worker,
-        "num_gpus": spec.gpus_per_worker if use_gpu else 0,
+        "num_gpus": spec.gpus_per_worker if use_gpu and name == "GPU" else 0,
         # credentials travel as environment variables of the actor processes, not as arguments
         "runtime_env": {"env_vars": settings.as_env()},
         # shards are idempotent: a restarted actor recomputes at most the shard it lost
         "max_restarts": 1,
         "max_task_retries": 1,
     }
+    if use_gpu and name != "GPU":
+        options["resources"] = {name: spec.gpus_per_worker}
     return options
 
 
@@ -575,11 +580,13 @@ def run_evaluation(
         "GPU" if use_gpu else "CPU",
     )
     if todo:
+        _warn_if_no_room(ray, spec, use_gpu)
         threads = spec.cpu_threads or max(1, int(spec.cpus_per_worker))
         actor_cls = ray.remote(ShardEvaluator)
         options = _actor_options(spec, settings, use_gpu)
+        on_gpu = use_gpu and gpu_resource() == "GPU"
         actors = [
-            actor_cls.options(**options).remote(plan, threads=None if use_gpu else threads, use_gpu=use_gpu)
+            actor_cls.options(**options).remote(plan, threads=None if on_gpu else threads, use_gpu=on_gpu)
             for _ in range(n_workers)
         ]
         try:
@@ -599,6 +606,20 @@ def run_evaluation(
         summary_key(evaluation_id),
     )
     return summary
+
+
+def _warn_if_no_room(ray, spec: EvaluationJobSpec, use_gpu: bool) -> None:
+    """Say so when the cluster, as it is now, has no room for a single worker (an autoscaler may
+    still add a node; until then the job waits, as Ray Train does)."""
+    total = ray.cluster_resources()
+    needs = {"CPU": spec.cpus_per_worker, **({"GPU": spec.gpus_per_worker} if use_gpu else {})}
+    short = {k: v for k, v in needs.items() if total.get(k, 0) < v}
+    if short:
+        log.warning(
+            "the cluster has %s; one evaluation worker needs %s: waiting for room",
+            {k: total.get(k, 0) for k in short},
+            short,
+        )
 
 
 def _dispatch(ray, actors, todo, plan: Plan, store: ArtifactStore, running: _Running, n_done: int) -> None:

@@ -306,3 +306,24 @@ def test_a_training_summary_names_its_protocol():
     plain = get_preset("digits", ["evaluation.attacks=[{kind: fgsm}]", "evaluation.n_examples=100"])
     job_suite = EvaluationSuite(threat_model=plain.threat_model, attacks=[{"kind": "fgsm"}], n_examples=100)
     assert training_protocol(plain) == ("custom", custom_protocol_version(job_suite))
+
+
+def test_a_protocols_full_set_decides_partial():
+    from api_schemas.protocols import get_protocol
+    from workers.evaluation import full_size
+
+    protocol = get_protocol("digits")
+    fewer = protocol.suite.model_copy(update={"n_examples": 100})
+    spec = EvaluationJobSpec(
+        name="p",
+        protocol_id="digits",
+        protocol_version="1",
+        suite=fewer,
+        dataset={"name": "digits"},
+        checkpoint={"key": "checkpoints/x.pt"},
+    )
+    assert full_size(spec, 450) == 450 and spec.n_examples(450) == 100  # partial
+    custom = spec.model_copy(update={"protocol_id": "custom", "protocol_version": "abc"})
+    assert full_size(custom, 450) == 100  # an explicit suite's own n_examples is its full set
+    synthetic = custom.model_copy(update={"dataset": custom.dataset.model_copy(update={"name": "synthetic"})})
+    assert full_size(synthetic, 64) == 64
