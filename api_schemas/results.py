@@ -86,6 +86,11 @@ class EpochMetrics(BaseModel):
     val_split: SelectionSplit | None = Field(
         None, description="where `val` was measured: held-out training images or the test set"
     )
+    checkpoint_at: float | None = Field(
+        None,
+        description="unix time of the checkpoint stored after this epoch, when one was (None: none); "
+        "what the control plane reads to know when a run's work was last saved",
+    )
     extra: dict[str, float] = Field(default_factory=dict)
 
 

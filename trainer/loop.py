@@ -3,6 +3,14 @@
 `TrainingRun` owns the state of one run and exposes it in pieces (`train_epoch`, `validate`,
 `checkpoint_payload`, `load_payload`) so that the Ray workers can drive the same loop epoch by
 epoch; `fit` is the single-process driver used by `lbgat train`.
+
+Just-in-time checkpoints: `request_checkpoint()` (thread-safe: a signal handler, another thread)
+asks the run to stop between two steps. `train_epoch` checks before every step (the request flag,
+then each of `checkpoint_hooks`, which the Ray workers use to poll their cluster and to agree across
+ranks) and raises `CheckpointRequested`; the run's state is then exactly that before the step (the
+step index, the epoch's running sums, every RNG state), `checkpoint_payload()` holds it, and a run
+that loads it and calls `train_epoch` continues with that step: weights and metrics end bit-identical
+to an uninterrupted run's (the loader's batches are a function of seed, epoch, rank and step).
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -30,6 +39,9 @@ from trainer.provenance import provenance
 from trainer.schedules import learning_rate
 
 log = logging.getLogger("trainer")
+
+#: the just-in-time checkpoint `fit` writes when a checkpoint is requested mid-epoch
+INTERRUPTED = "interrupted.pt"
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,53 @@ class Runtime:
         if not self.bf16:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+
+class CheckpointRequested(Exception):
+    """Raised by `TrainingRun.train_epoch` between two steps when a checkpoint was asked for.
+
+    The run then stands before step `step` (0-based, within the 0-based epoch `epoch`); its
+    `checkpoint_payload()` resumes there. `reason` is what the request said.
+    """
+
+    def __init__(self, epoch: int, step: int, reason: str) -> None:
+        super().__init__(f"checkpoint requested before step {step} of epoch {epoch + 1}: {reason}")
+        self.epoch, self.step, self.reason = epoch, step, reason
+
+
+@dataclass
+class EpochProgress:
+    """Where an epoch stopped: the next step and the sums its metrics are made of."""
+
+    epoch: int  # 0-based: the run's completed epochs when it stopped
+    step: int  # the next step to run
+    loss_sum: torch.Tensor
+    correct: dict[str, torch.Tensor]
+    seen: int
+    seconds: float  # training time of the steps done so far
+    rng: dict[str, Any]  # every RNG state at the stop (trainer.checkpoint.rng_state)
+
+    def payload(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "loss_sum": self.loss_sum.detach().cpu(),
+            "correct": {k: v.detach().cpu() for k, v in self.correct.items()},
+            "seen": self.seen,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_payload(cls, data: dict[str, Any], rng: dict[str, Any], device: torch.device) -> EpochProgress:
+        return cls(
+            epoch=int(data["epoch"]),
+            step=int(data["step"]),
+            loss_sum=data["loss_sum"].to(device),
+            correct={k: v.to(device) for k, v in data["correct"].items()},
+            seen=int(data["seen"]),
+            seconds=float(data["seconds"]),
+            rng=rng,
+        )
 
 
 @dataclass
@@ -222,6 +281,13 @@ class TrainingRun:
         self.history: list[dict[str, Any]] = []
         self.best_metric: float | None = None
         self.best_epoch: int | None = None
+        #: the epoch in progress when training stopped for a checkpoint (None between epochs)
+        self.progress: EpochProgress | None = None
+        #: called before every step with the pending request's reason (or None); each returns the
+        #: reason to checkpoint for, or None. Workers poll their cluster and agree across ranks here.
+        self.checkpoint_hooks: list[Callable[[str | None], str | None]] = []
+        self._request_lock = threading.Lock()
+        self._requested: str | None = None
 
     # ------------------------------------------------------------------ construction
 
@@ -318,6 +384,20 @@ class TrainingRun:
 
     # ------------------------------------------------------------------ training
 
+    def request_checkpoint(self, reason: str = "requested") -> None:
+        """Ask the run to stop for a checkpoint before its next step (thread-safe; returns at once).
+
+        `train_epoch` then raises `CheckpointRequested`; one request gives one stop."""
+        with self._request_lock:
+            self._requested = reason
+
+    def _checkpoint_reason(self) -> str | None:
+        with self._request_lock:
+            reason, self._requested = self._requested, None
+        for hook in self.checkpoint_hooks:
+            reason = hook(reason)
+        return reason
+
     def _set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -389,19 +469,42 @@ class TrainingRun:
         self.auxiliary_optimizer.step()
 
     def train_epoch(self, *, progress: bool = False) -> EpochMetrics:
-        """Train one epoch (the next one) and return its metrics; does not checkpoint."""
+        """Train one epoch (the next one, or the rest of the one `progress` stopped in) and return
+        its metrics; does not checkpoint. Raises `CheckpointRequested` between two steps when a
+        checkpoint was asked for (`request_checkpoint`, `checkpoint_hooks`)."""
         epoch = self.epoch
         self.loader.set_epoch(epoch)
         self.method.set_epoch(epoch)
         steps = len(self.loader)
-        loss_sum = torch.zeros((), device=self.rt.device)
-        correct: dict[str, torch.Tensor] = {}
-        seen = 0
+        resumed, self.progress = self.progress, None
+        if resumed is not None and resumed.epoch != epoch:
+            raise ckpt.CheckpointError(f"epoch progress of epoch {resumed.epoch} in epoch {epoch}")
+        first = 0 if resumed is None else resumed.step
+        loss_sum = torch.zeros((), device=self.rt.device) if resumed is None else resumed.loss_sum
+        correct: dict[str, torch.Tensor] = {} if resumed is None else dict(resumed.correct)
+        seen = 0 if resumed is None else resumed.seen
+        seconds_before = 0.0 if resumed is None else resumed.seconds
         start = time.perf_counter()
         bar = _progress(
             steps, f"epoch {epoch + 1}/{self.spec.optimization.epochs}", progress and self.rank == 0
         )
-        for step, batch in enumerate(self.loader):
+        if bar is not None and first:
+            bar.update(first)
+        for step, batch in enumerate(self.loader.batches(first), start=first):
+            reason = self._checkpoint_reason()
+            if reason is not None:
+                if bar is not None:
+                    bar.close()
+                self.progress = EpochProgress(
+                    epoch=epoch,
+                    step=step,
+                    loss_sum=loss_sum,
+                    correct=correct,
+                    seen=seen,
+                    seconds=seconds_before + time.perf_counter() - start,
+                    rng=ckpt.rng_state(),
+                )
+                raise CheckpointRequested(epoch, step, reason)
             x, y = stack_views(batch)
             lr = learning_rate(self.spec.optimization, epoch, step, steps)
             self._set_lr(lr)
@@ -423,7 +526,7 @@ class TrainingRun:
                     )
         if self.rt.device.type == "cuda":
             torch.cuda.synchronize(self.rt.device)
-        seconds = time.perf_counter() - start
+        seconds = seconds_before + time.perf_counter() - start
         if bar is not None:
             bar.close()
         self.epoch += 1
@@ -513,7 +616,9 @@ class TrainingRun:
             "auxiliary_optimizer": (
                 None if self.auxiliary_optimizer is None else self.auxiliary_optimizer.state_dict()
             ),
-            "rng": ckpt.rng_state(),
+            # mid-epoch: the RNG states at the stop, and where the epoch stands
+            "rng": ckpt.rng_state() if self.progress is None else self.progress.rng,
+            "epoch_progress": None if self.progress is None else self.progress.payload(),
             "history": self.history,
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
@@ -552,6 +657,16 @@ class TrainingRun:
         self.best_metric = payload.get("best_metric")
         self.best_epoch = payload.get("best_epoch")
         ckpt.set_rng_state(payload["rng"])
+        progress = payload.get("epoch_progress")
+        self.progress = (
+            None if progress is None else EpochProgress.from_payload(progress, payload["rng"], self.rt.device)
+        )
+
+    def resume_after_checkpoint(self) -> None:
+        """Go on training after a just-in-time checkpoint in this process (not a new one): the RNG
+        states are set back to the stop's, so the steps that follow are those a resumed run runs."""
+        if self.progress is not None:
+            ckpt.set_rng_state(self.progress.rng)
 
     def save(self, path: Path) -> Path:
         return ckpt.save_checkpoint(path, self.checkpoint_payload())
@@ -563,13 +678,21 @@ class TrainingRun:
         return self.out_dir / "checkpoints"
 
     def latest_checkpoint(self) -> Path | None:
+        """The checkpoint furthest along: periodic ones, last.pt, and a just-in-time one
+        (`interrupted.pt`, ordered by its step within the epoch it stopped in)."""
         candidates = sorted(self.checkpoint_dir.glob("epoch_*.pt"))
-        last = self.checkpoint_dir / "last.pt"
-        if last.exists():
-            candidates.append(last)
+        for name in ("last.pt", INTERRUPTED):
+            if (self.checkpoint_dir / name).exists():
+                candidates.append(self.checkpoint_dir / name)
         if not candidates:
             return None
-        return max(candidates, key=lambda p: ckpt.read_checkpoint(p)["epoch"])
+
+        def position(path: Path) -> tuple[int, int]:
+            payload = ckpt.read_checkpoint(path)
+            progress = payload.get("epoch_progress")
+            return payload["epoch"], -1 if progress is None else progress["step"]
+
+        return max(candidates, key=position)
 
     def _prune(self) -> None:
         keep = self.spec.checkpoint.keep_last
@@ -609,19 +732,29 @@ class TrainingRun:
         )
 
         while self.epoch < spec.optimization.epochs:
-            metrics = self.train_epoch(progress=spec.runtime.progress)
+            try:
+                metrics = self.train_epoch(progress=spec.runtime.progress)
+            except CheckpointRequested as stop:
+                path = self.save(self.checkpoint_dir / INTERRUPTED)
+                log.info("%s; saved %s (resume with resume='auto' or this path)", stop, path)
+                raise
             if self.score_epoch(metrics):
                 self.save(self.checkpoint_dir / "best.pt")
+            final = self.epoch == spec.optimization.epochs
+            periodic = self.epoch % spec.checkpoint.every_n_epochs == 0 and not final
+            if periodic or final:  # final: last.pt, saved below
+                metrics.checkpoint_at = time.time()
             self.history.append(metrics.model_dump(mode="json"))
+            if periodic:
+                self.save(self.checkpoint_dir / f"epoch_{self.epoch:04d}.pt")
+                self._prune()
             with metrics_path.open("a") as f:
                 f.write(metrics.model_dump_json() + "\n")
             log.info("epoch %d: %s", self.epoch, _brief(metrics))
-            if self.epoch % spec.checkpoint.every_n_epochs == 0 and self.epoch < spec.optimization.epochs:
-                self.save(self.checkpoint_dir / f"epoch_{self.epoch:04d}.pt")
-                self._prune()
             for callback in on_epoch_end:
                 callback(metrics, self)
         last = self.save(self.checkpoint_dir / "last.pt")
+        (self.checkpoint_dir / INTERRUPTED).unlink(missing_ok=True)
 
         best = self.checkpoint_dir / "best.pt"
         summary = self.final_summary(

@@ -24,8 +24,8 @@ class DeviceLoader:
 
     Reproducibility contract: the order and the augmentation of epoch ``e`` depend only on
     ``(seed, e, rank)``, so a run resumed at epoch ``e`` (after ``set_epoch(e)``) sees exactly what
-    an uninterrupted run would. Like ``DistributedSampler``, the epoch is not advanced
-    implicitly: call ``set_epoch`` before each epoch.
+    an uninterrupted run would, and one resumed at batch ``k`` of it (``batches(k)``) too. Like
+    ``DistributedSampler``, the epoch is not advanced implicitly: call ``set_epoch`` before each epoch.
 
     Sharding follows ``DistributedSampler``: the epoch permutation is padded to a multiple of
     ``world_size`` by wrapping around and rank ``r`` takes every ``world_size``-th index starting
@@ -101,14 +101,27 @@ class DeviceLoader:
         return order[self.rank :: self.world_size]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        idx = self.indices().to(self.device)
+        return self.batches()
+
+    def batches(self, start: int = 0) -> Iterator[tuple[torch.Tensor, ...]]:
+        """The current epoch's batches from batch index `start` on: exactly the batches `start`,
+        `start + 1`, ... that iterating from 0 would give (a run resumed mid-epoch). The augmentation
+        generator is advanced over the skipped batches by drawing their augmentations again (no
+        model work), so the step index alone, with (seed, epoch, rank), fixes what comes next."""
         n_batches = len(self)
+        if not 0 <= start <= n_batches:
+            raise ValueError(f"start must be in [0, {n_batches}], got {start}")
+        idx = self.indices().to(self.device)
         images, labels = self.dataset.images, self.dataset.labels
         gen = None
         if self.augment:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(derive_seed(self.seed, self.epoch, self.rank, _AUG_STREAM))
-        for b in range(n_batches):
+            for b in range(start):  # replay the skipped batches' draws
+                raw = images.index_select(0, idx[b * self.batch_size : (b + 1) * self.batch_size])
+                for _ in range(2 if self.two_views else 1):
+                    self._view(raw, gen)
+        for b in range(start, n_batches):
             sel = idx[b * self.batch_size : (b + 1) * self.batch_size]
             raw = images.index_select(0, sel)
             y = labels.index_select(0, sel)
