@@ -206,6 +206,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = make_engine(settings.database_url, pool_size=settings.database_pool_size)
         sched = None
+        sender = None
         try:
             upgrade(engine)
             sessions = session_factory(engine)
@@ -221,7 +222,7 @@ def create_app(
             if app_ray is None and settings.ray_address:
                 token = settings.ray_auth_token.get_secret_value() if settings.ray_auth_token else None
                 app_ray = RayJobs(settings.ray_address, token=token)
-            metrics.bind_database(sessions)
+            metrics.bind_database(sessions, settings=settings)
             app.state.engine = engine
             app.state.sessions = sessions
             app.state.store = app_store
@@ -241,6 +242,12 @@ def create_app(
                 planner.start()
                 sched = planner
             app.state.scheduler = planner
+            if settings.webhooks_enabled:  # its own thread: a slow receiver never holds up the queue
+                from service.webhooks import WebhookSender
+
+                sender = WebhookSender(sessions=sessions, settings=settings)
+                sender.start()
+            app.state.webhook_sender = sender
             log.info(
                 "lbgat service ready: database %s, store %s, ray %s, scheduler %s",
                 engine.url.render_as_string(hide_password=True),
@@ -250,6 +257,8 @@ def create_app(
             )
             yield
         finally:
+            if sender is not None:
+                sender.stop()
             if sched is not None:
                 sched.stop()
             engine.dispose()
@@ -264,6 +273,7 @@ def create_app(
     app.state.metrics = metrics
     app.state.scheduler = None
     app.state.ray = None
+    app.state.webhook_sender = None
 
     app.add_exception_handler(JobError, _job_error)
     app.add_exception_handler(SpecError, _spec_error)

@@ -27,6 +27,7 @@ from api_schemas.jobs import (
     ResultRow,
     StateChange,
 )
+from service import accounting, webhooks
 from service.db.models import Event, Experiment, Team, Trial, User, utcnow
 from service.settings import ServiceSettings
 
@@ -253,11 +254,16 @@ def transition(
     values: dict[str, Any] = {"state": new.value, "updated_at": now, **fields}
     if new in TERMINAL_STATES:
         values.setdefault("finished_at", now)
+    usage = None
     if old.active and new is not JobState.running and exp.started_at is not None:
         # leaving a running attempt: charge it to the owner's fair-share usage
         values["gpu_seconds"] = (
             exp.gpu_seconds + max(0.0, (now - exp.started_at).total_seconds()) * exp.charge_rate
         )
+        # ... and to the ledger (service.accounting), with the GPU-seconds since its last checkpoint lost
+        usage = accounting.attempt_record(exp, new_state=new, reason=reason, ended_at=now)
+        values["lost_gpu_seconds"] = (exp.lost_gpu_seconds or 0.0) + usage.lost_gpu_seconds
+    event = webhooks.event_for(exp, old, new, reason)  # read before `fields` change the row
     result = session.execute(
         update(Experiment)
         .where(Experiment.id == exp.id, Experiment.state == old.value)
@@ -270,6 +276,10 @@ def transition(
     for key, value in values.items():
         setattr(exp, key, value)
     session.add(Event(experiment_id=exp.id, kind="state", data=_state_data(old, new, reason), at=now))
+    if usage is not None:
+        session.add(usage)
+    if event is not None:  # webhook deliveries, in this transaction (service.webhooks)
+        webhooks.enqueue_job_event(session, exp, event, reason)
     return True
 
 

@@ -11,6 +11,10 @@ Each app has its own CollectorRegistry (several apps in one test process never c
 * `lbgat_dispatch_seconds` - time from a job's submission (or retry) to its Ray job being submitted.
   The scheduler runs once per process, so this one histogram is process-wide: the scheduler calls
   `observe_dispatch(seconds)` and every app's registry exposes it.
+* `lbgat_team_gpu_hours{team,period}`, `lbgat_team_lost_gpu_hours{team,period,cause}` (cause:
+  preemption, failure), `lbgat_team_budget_gpu_hours{team,period}` and `lbgat_team_budget_fraction{team}`:
+  each team's GPU-hours in its current budget period (a calendar month without a budget), read from
+  the usage ledger at scrape time (service.accounting);
 * `lbgat_scheduler_round_seconds` - how long each scheduling round took (process-wide likewise, via
   `observe_round`): a round that grows means something it waits on (database, Ray, store) is slow.
 """
@@ -29,7 +33,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api_schemas.jobs import JobState
-from service.db.models import Experiment, User, utcnow
+from service.db.models import Experiment, Team, User, utcnow
+from service.settings import ServiceSettings
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -129,6 +134,68 @@ class _QueueCollector(Collector):
         return [jobs, user_jobs, oldest, mean]
 
 
+class _AccountingCollector(Collector):
+    """GPU-hours per team in its current budget period (a calendar month for teams without a budget),
+    the budgets' fractions, and the hours lost by cause (service.accounting), read at scrape time."""
+
+    def __init__(self, sessions: sessionmaker[Session], settings: ServiceSettings) -> None:
+        self.sessions = sessions
+        self.settings = settings
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        from service import accounting
+
+        now = utcnow()
+        month, _ = accounting.period_bounds("month", now)
+        with self.sessions() as session:
+            states = accounting.budget_states(
+                session, now, warning_fraction=self.settings.budget_warning_fraction
+            )
+            teams = dict(session.execute(select(Team.id, Team.name)).all())
+            monthly, _ = accounting.usage_by(session, group_by="team", since=month, until=now, now=now)
+            budgeted: dict[str, dict[int, accounting.Usage]] = {}
+            for period in {s.period for s in states.values()}:
+                start, _ = accounting.period_bounds(period, now)
+                ids = [t for t, s in states.items() if s.period == period]
+                budgeted[period], _ = accounting.usage_by(
+                    session, group_by="team", since=start, until=now, team_ids=ids, now=now
+                )
+        used = GaugeMetricFamily(
+            "lbgat_team_gpu_hours",
+            "GPU-equivalent hours a team used in its current budget period (a calendar month without a "
+            "budget), running attempts included",
+            labels=["team", "period"],
+        )
+        lost = GaugeMetricFamily(
+            "lbgat_team_lost_gpu_hours",
+            "Of those, GPU-hours lost (work since the last checkpoint) by cause",
+            labels=["team", "period", "cause"],
+        )
+        budget = GaugeMetricFamily(
+            "lbgat_team_budget_gpu_hours", "A team's GPU-hour budget per period", labels=["team", "period"]
+        )
+        fraction = GaugeMetricFamily(
+            "lbgat_team_budget_fraction", "Used / budget in the current period (1 = spent)", labels=["team"]
+        )
+        for team_id, name in sorted(teams.items(), key=lambda item: item[1]):
+            state = states.get(team_id)
+            period = state.period if state else "month"
+            usage = (budgeted[period] if state else monthly).get(team_id)
+            if usage is None and state is None:
+                continue
+            usage = usage or accounting.Usage()
+            used.add_metric([name, period], usage.gpu_seconds / 3600)
+            lost.add_metric([name, period, "preemption"], usage.lost_preemption_seconds / 3600)
+            lost.add_metric([name, period, "failure"], usage.lost_failure_seconds / 3600)
+            if state is not None:
+                budget.add_metric([name, period], state.budget)
+                fraction.add_metric([name], state.fraction)
+        return [used, lost, budget, fraction]
+
+
 class ServiceMetrics:
     """One app's registry: the queue gauges, the request histogram, the process's dispatch histogram."""
 
@@ -144,13 +211,19 @@ class ServiceMetrics:
         self.registry.register(DISPATCH_SECONDS)
         self.registry.register(ROUND_SECONDS)
         self._queue: _QueueCollector | None = None
+        self._accounting: _AccountingCollector | None = None
 
-    def bind_database(self, sessions: sessionmaker[Session]) -> None:
-        """Count jobs from this database at scrape time (called by the app's lifespan)."""
-        if self._queue is not None:
-            self.registry.unregister(self._queue)
+    def bind_database(self, sessions: sessionmaker[Session], settings: ServiceSettings | None = None) -> None:
+        """Count jobs (and, with `settings`, the teams' GPU-hours) from this database at scrape time
+        (called by the app's lifespan)."""
+        for collector in (self._queue, self._accounting):
+            if collector is not None:
+                self.registry.unregister(collector)
         self._queue = _QueueCollector(sessions)
         self.registry.register(self._queue)
+        self._accounting = _AccountingCollector(sessions, settings) if settings is not None else None
+        if self._accounting is not None:
+            self.registry.register(self._accounting)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -52,7 +52,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from api_schemas.jobs import JobState
-from service import ingest
+from service import accounting, ingest
 from service.db.engine import run_tx
 from service.db.models import Experiment, User, utcnow
 from service.jobs import ACTIVE_STATES, WAITING_STATES, transition, usage_gpu_hours
@@ -85,6 +85,7 @@ class Candidate:
     cpus: float
     gpu_optional: bool = False
     charge_rate: float = 1.0
+    held: str | None = None  # why it may not start (service.accounting: its team's budget is spent)
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,9 @@ def plan(
         gpus = effective_gpus(job, capacity)
         reason: str | None = None
         waits_in_line = False  # blocked only by what frees up as jobs finish (slots, capacity)
-        if store_error is not None:
+        if job.held is not None:  # accounting: held, and holds up no one
+            reason = job.held
+        elif store_error is not None:
             reason = f"artifact store unreachable ({store_error}); dispatching resumes when it answers"
         elif capacity is None:
             reason = f"Ray is not reachable ({capacity_error or 'no cluster configured'}); waiting for it"
@@ -465,6 +468,10 @@ class Scheduler:
                     else user.max_running_jobs,
                     self.settings.user_max_gpus if user.max_gpus is None else user.max_gpus,
                 )
+        # accounting: a spent team budget lowers its jobs' priority or holds them (service.accounting)
+        candidates, active = accounting.apply_budgets(
+            session, candidates, active, settings=self.settings, notify=lock
+        )
         return candidates, active, limits
 
     def _plan(self, session: Session, *, lock: bool) -> Plan:

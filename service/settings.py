@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -144,6 +145,46 @@ class ServiceSettings(BaseSettings):
         None,
         description="key of the pages' CSRF tokens (HMAC of the session); unset: the tokens are keyed "
         "with the session alone. Give every replica the same value.",
+    )
+
+    # -- accounting: usage, team budgets (service.accounting) ----------------------------------------
+    budget_warning_fraction: float = Field(
+        0.8, gt=0, le=1, description="a team is warned when it has used this fraction of its budget"
+    )
+    budget_default_action: Literal["lower_priority", "hold"] = Field(
+        "lower_priority",
+        description="what a spent budget does to the team's waiting jobs when the budget names no action",
+    )
+    budget_priority_penalty: int = Field(
+        100,
+        ge=0,
+        le=1000,
+        description="lower_priority: subtracted from the priority of a team's waiting jobs once its budget "
+        "is spent",
+    )
+    usage_default_days: float = Field(
+        30.0, gt=0, le=3660, description="GET /v1/usage without `since`: this many days back"
+    )
+
+    # -- webhooks (service.webhooks) -----------------------------------------------------------------
+    webhooks_enabled: bool = Field(True, description="run the webhook sender thread in this process")
+    webhook_max_attempts: int = Field(6, ge=1, le=50, description="tries per event before giving up")
+    webhook_backoff_s: float = Field(
+        10.0, gt=0, description="pause before the first retry (seconds); doubles with each retry"
+    )
+    webhook_backoff_max_s: float = Field(3600.0, gt=0, description="longest pause between retries")
+    webhook_timeout_s: float = Field(
+        5.0, gt=0, le=60, description="connect/read timeout of one request to a receiver"
+    )
+    webhook_poll_interval_s: float = Field(1.0, gt=0, description="how often the sender looks for due events")
+    webhook_allow_private: bool = Field(
+        True,
+        description="allow receivers on loopback, private and link-local addresses (a lab cluster's own "
+        "network); false refuses them at creation and before every request (SSRF)",
+    )
+    webhook_allowed_hosts: list[str] = Field(
+        default_factory=list,
+        description="if set, the only receiver hosts allowed (a name also allows its subdomains)",
     )
 
     @field_validator("ray_address", "ray_dashboard_url", mode="before")

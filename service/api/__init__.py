@@ -4,6 +4,7 @@ from fastapi import APIRouter, Depends
 
 from service.api.openapi import reject_undeclared_query
 from service.api.routes import (
+    accounting,
     artifacts,
     checkpoints,
     evaluations,
@@ -12,6 +13,7 @@ from service.api.routes import (
     protocols,
     results,
     users,
+    webhooks,
 )
 
 api_router = APIRouter(prefix="/v1", dependencies=[Depends(reject_undeclared_query)])
@@ -22,6 +24,8 @@ api_router.include_router(checkpoints.router)
 api_router.include_router(protocols.router)
 api_router.include_router(results.router)
 api_router.include_router(users.router)
+api_router.include_router(accounting.router)
+api_router.include_router(webhooks.router)
 
 # Health and metrics stay lenient: probes and scrapers may add query parameters of their own.
 health_router = health.router

@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -28,6 +29,7 @@ from urllib.parse import quote
 import httpx
 
 from api_schemas import ExperimentSpec, read_spec_file
+from api_schemas.accounting import BudgetOut, CreatedWebhook, UsageReport, WebhookOut
 from api_schemas.evaluation_views import (
     EvaluationDetail,
     EvaluationOut,
@@ -707,6 +709,56 @@ class Client:
     def revoke_token(self, token_id: int) -> None:
         self._send("DELETE", f"/v1/tokens/{int(token_id)}")
 
+    # -- accounting and webhooks ---------------------------------------------------------------------
+
+    def usage(
+        self,
+        *,
+        since: datetime | str | None = None,
+        until: datetime | str | None = None,
+        group_by: str | None = None,
+        team: str | None = None,
+    ) -> UsageReport:
+        """GPU- and CPU-hours per user, team or method (GET /v1/usage); `since`/`until` as datetimes
+        or ISO text (a date alone is its midnight, UTC)."""
+        params = self._params(since=_iso(since), until=_iso(until), group_by=group_by, team=team)
+        return UsageReport.model_validate(self._get("/v1/usage", params=params))
+
+    def budget(self, team: str) -> BudgetOut:
+        return BudgetOut.model_validate(self._get(f"/v1/teams/{quote(team, safe='')}/budget"))
+
+    def set_budget(
+        self, team: str, gpu_hours: float, *, period: str = "month", action: str | None = None
+    ) -> BudgetOut:
+        """(admin) The team's GPU-hour budget per UTC day, week or month; `action` once spent:
+        lower_priority or hold (default: the service's setting)."""
+        body = {"period": period, "gpu_hours": float(gpu_hours), **self._params(action=action)}
+        response = self._send("PUT", f"/v1/teams/{quote(team, safe='')}/budget", json=body)
+        return BudgetOut.model_validate(response.json())
+
+    def delete_budget(self, team: str) -> None:
+        self._send("DELETE", f"/v1/teams/{quote(team, safe='')}/budget")
+
+    def webhooks(self) -> builtins.list[WebhookOut]:
+        return [WebhookOut.model_validate(w) for w in self._get("/v1/webhooks")]
+
+    def create_webhook(
+        self,
+        url: str,
+        *,
+        scope: str = "user",
+        team: str | None = None,
+        events: Iterable[str] | None = None,
+    ) -> CreatedWebhook:
+        """A webhook for your jobs (scope user) or your team's (scope team); its secret is shown once."""
+        body: dict[str, Any] = {"url": url, "scope": scope, **self._params(team=team)}
+        if events is not None:
+            body["events"] = builtins.list(events)
+        return CreatedWebhook.model_validate(self._send("POST", "/v1/webhooks", json=body).json())
+
+    def delete_webhook(self, webhook_id: int) -> None:
+        self._send("DELETE", f"/v1/webhooks/{int(webhook_id)}")
+
     # -- service -------------------------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
@@ -715,6 +767,16 @@ class Client:
     def ready(self) -> Readiness:
         """Readiness of the database, Ray and the store (a 503 answer is returned, not raised)."""
         return Readiness.model_validate(self._send("GET", "/readyz", retry=True, expect=(503,)).json())
+
+
+def _iso(value: datetime | str | None) -> str | None:
+    """A query's time: ISO 8601; a date alone (`2026-11-01`) is its midnight, UTC."""
+    if value is None or isinstance(value, datetime):
+        return value.isoformat() if value is not None else None
+    text = value.strip()
+    if len(text) == 10 and text[4] == "-" and text[7] == "-":
+        return text + "T00:00:00+00:00"
+    return text
 
 
 def _chunks(handle: Any, size: int = 1 << 20) -> Iterator[bytes]:

@@ -35,6 +35,7 @@ COMMANDS = {
     "results": ["results", "artifacts"],
     "evaluate": ["evaluate", "protocols"],
     "accounts": ["users", "token"],
+    "usage": ["usage", "budget", "webhooks"],
 }
 
 

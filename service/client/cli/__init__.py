@@ -8,6 +8,7 @@ Control plane:  serve                                                  (`serve`)
                 results, artifacts                                     (`results`)
                 evaluate, protocols                                    (`evaluate`)
                 users, token                                           (`accounts`)
+                usage, budget, webhooks                                (`usage`)
 The control-plane commands go through `service.client.Client`, imported when one of them runs;
 `serve` imports the server (`service.server`) when it runs. Each module adds its subcommands with
 `register(sub)`, in the order `lbgat --help` lists them; shared helpers are in `common`.
@@ -23,10 +24,10 @@ import sys
 from collections.abc import Sequence
 
 from api_schemas import SpecError
-from service.client.cli import accounts, evaluate, experiments, local, login, results, serve
+from service.client.cli import accounts, evaluate, experiments, local, login, results, serve, usage
 
 # in the order of `lbgat --help`
-COMMAND_GROUPS = (local, serve, login, experiments, results, evaluate, accounts)
+COMMAND_GROUPS = (local, serve, login, experiments, results, evaluate, accounts, usage)
 
 
 def build_parser() -> argparse.ArgumentParser:
