@@ -43,6 +43,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,7 @@ from trainer.data import DATASET_INFO, ArrayDataset, DatasetNotFoundError, canon
 from trainer.evaluation import ExampleRecords, evaluate_records
 from trainer.loop import load_test_split
 from trainer.provenance import provenance
+from workers.preemption import Preempted, stop_wait_s
 from workers.settings import StoreSettings, gpu_resource
 from workers.storage import ArtifactStore, KeyNotFound, experiment_prefix, open_store
 
@@ -394,7 +396,8 @@ def _device_name(device: torch.device) -> str:
 
 class ShardEvaluator:
     """Evaluates shards of one job: loads the model(s) and the split once, then `run(shard)` per shard,
-    writing its records to the store. Runs as a Ray actor (`ShardActor`) or in-process."""
+    writing its records to the store. `run_evaluation` runs it as a Ray actor (`ray.remote`); it also
+    runs in-process (pass `store`)."""
 
     def __init__(
         self,
@@ -411,19 +414,20 @@ class ShardEvaluator:
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         spec = plan.spec
         self.data = _load_split(spec)
-        self._folder = tempfile.TemporaryDirectory(prefix="lbgat-eval-worker-")
-        folder = Path(self._folder.name)
-        ref = spec.checkpoint.model_copy(update={"sha256": plan.checkpoint_sha256})
-        path, _ = fetch_checkpoint(self.store, ref, folder)
-        self.model = load_checkpoint_model(path, ref, spec.dataset.name, self.device, "checkpoint")
         self.sources: dict[str, nn.Module] = {}
-        if spec.transfer_source is not None:
-            ref = spec.transfer_source.model_copy(update={"sha256": plan.transfer_sha256})
-            path, _ = fetch_checkpoint(self.store, ref, folder, "transfer_source")
-            source = load_checkpoint_model(path, ref, spec.dataset.name, self.device, "transfer_source")
-            for attack in plan.attacks:
-                if isinstance(attack, TransferAttackSpec):
-                    self.sources[attack.source_checkpoint] = source
+        # the files go as soon as the models are loaded (an actor is killed, not shut down)
+        with tempfile.TemporaryDirectory(prefix="lbgat-eval-worker-") as folder:
+            # the sha256 the driver saw: every worker evaluates the very bytes it checked
+            ref = spec.checkpoint.model_copy(update={"sha256": plan.checkpoint_sha256})
+            path, _ = fetch_checkpoint(self.store, ref, Path(folder))
+            self.model = load_checkpoint_model(path, ref, spec.dataset.name, self.device, "checkpoint")
+            if spec.transfer_source is not None:
+                ref = spec.transfer_source.model_copy(update={"sha256": plan.transfer_sha256})
+                path, _ = fetch_checkpoint(self.store, ref, Path(folder), "transfer_source")
+                source = load_checkpoint_model(path, ref, spec.dataset.name, self.device, "transfer_source")
+                for attack in plan.attacks:
+                    if isinstance(attack, TransferAttackSpec):
+                        self.sources[attack.source_checkpoint] = source
         self.device_name = _device_name(self.device)
 
     def ready(self) -> str:
@@ -553,8 +557,13 @@ def run_evaluation(
     settings: StoreSettings,
     plan: Plan | None = None,
     attempt: int | None = None,
+    stop: threading.Event | None = None,
 ) -> EvaluationSummary:
-    """Evaluate every shard not yet stored on the connected Ray cluster; write and return the summary."""
+    """Evaluate every shard not yet stored on the connected Ray cluster; write and return the summary.
+
+    `stop` set (the driver got SIGTERM: a preemption) hands out no more shards and waits for the
+    running ones while the job's grace lasts (less a second), then raises `Preempted`: the shards
+    done are stored, and the job run again computes only the others."""
     import ray
 
     spec = absolute_dataset_root(spec)
@@ -590,7 +599,7 @@ def run_evaluation(
             for _ in range(n_workers)
         ]
         try:
-            _dispatch(ray, actors, todo, plan, store, running, len(done))
+            _dispatch(ray, actors, todo, plan, store, running, len(done), stop)
         finally:
             for actor in actors:
                 ray.kill(actor)
@@ -622,20 +631,43 @@ def _warn_if_no_room(ray, spec: EvaluationJobSpec, use_gpu: bool) -> None:
         )
 
 
-def _dispatch(ray, actors, todo, plan: Plan, store: ArtifactStore, running: _Running, n_done: int) -> None:
+def _dispatch(
+    ray,
+    actors,
+    todo,
+    plan: Plan,
+    store: ArtifactStore,
+    running: _Running,
+    n_done: int,
+    stop: threading.Event | None = None,
+) -> None:
     """Give each actor one shard at a time, as soon as it is ready or free; until every shard is done.
-    An actor that never starts (no room on the cluster) holds no shard: the others finish the job."""
+    An actor that never starts (no room on the cluster) holds no shard: the others finish the job.
+    Once `stop` is set no shard is handed out; running ones may finish until the grace is spent."""
     starting = {actor.ready.remote(): actor for actor in actors}
     busy: dict[Any, tuple[Any, int]] = {}
+    deadline: float | None = None
 
     def assign(actor) -> None:
-        if todo:
+        if todo and (stop is None or not stop.is_set()):
             shard = todo.popleft()
             busy[actor.run.remote(shard)] = (actor, shard)
 
     while busy or todo:
+        if stop is not None and stop.is_set():
+            if deadline is None:
+                deadline = time.monotonic() + max(stop_wait_s() - 1.0, 0.0)
+                log.warning("stop requested: no more shards handed out; %d running", len(busy))
+            if not busy or time.monotonic() >= deadline:
+                raise Preempted(
+                    f"evaluation {plan.evaluation_id} stopped with {len(todo) + len(busy)} shard(s) "
+                    "left; the stored ones are kept"
+                )
         waiting = list(busy) + list(starting)
-        (ready,), _ = ray.wait(waiting, num_returns=1)
+        ready_list, _ = ray.wait(waiting, num_returns=1, timeout=0.5)
+        if not ready_list:
+            continue
+        (ready,) = ready_list
         if ready in starting:
             actor = starting.pop(ready)
             ray.get(ready)
