@@ -4,7 +4,9 @@ Reads the spec (a file, or experiments/<ID>/spec.json in the store, where the co
 it), checks the store before any GPU time is spent, then runs one training run or a sweep on the
 Ray cluster it is attached to, or an evaluation job (spec.json of kind "evaluation":
 workers/evaluation.py), and writes results to the store. Exit codes: 0 done, 2 bad input
-(spec, arguments), 3 the store is unreachable, 1 the run itself failed; the reason goes to stderr.
+(spec, arguments), 3 the store is unreachable, 1 the run itself failed, 4 preempted (SIGTERM: a
+just-in-time checkpoint or the finished shards are stored; run the job again to resume, see
+workers/preemption.py); the reason goes to stderr.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from api_schemas import ExperimentSpec, SpecError, load_spec, parse_spec
+from workers.preemption import Preempted, StopSignal
 from workers.ray_auth import (
     ENV_MODE,
     RayTokenError,
@@ -35,7 +38,7 @@ from workers.storage import KeyNotFound, StoreError, StoreUnavailable, experimen
 
 log = logging.getLogger("workers.run")
 
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STORE = 1, 2, 3
+EXIT_FAILED, EXIT_BAD_INPUT, EXIT_STORE, EXIT_PREEMPTED = 1, 2, 3, 4
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,8 +105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(EXIT_BAD_INPUT, problem)
     if not _ray_started(args.ray_address):
         return EXIT_BAD_INPUT
+    StopSignal(experiment_id).install()
     try:
         return _run(spec, experiment_id, store, settings)
+    except Preempted as exc:
+        return _fail(EXIT_PREEMPTED, str(exc))
     except StoreUnavailable as exc:
         return _fail(EXIT_STORE, str(exc))
     except Exception as exc:  # the job's reason for the control plane / the user, then a stack in the log
@@ -201,8 +207,13 @@ def _evaluation_job(data: dict, job_id: str, store, settings: StoreSettings, ray
         return _fail(EXIT_STORE, f"artifact store {store.url}: {exc}")
     if not _ray_started(ray_address):
         return EXIT_BAD_INPUT
+    stop = StopSignal(job_id).install()
     try:
-        summary = run_evaluation(spec, evaluation_id=job_id, store=store, settings=settings, plan=plan)
+        summary = run_evaluation(
+            spec, evaluation_id=job_id, store=store, settings=settings, plan=plan, stop=stop.event
+        )
+    except Preempted as exc:
+        return _fail(EXIT_PREEMPTED, str(exc))
     except EvaluationInputError as exc:
         return _fail(EXIT_BAD_INPUT, f"{job_id}: {exc}")
     except StoreUnavailable as exc:

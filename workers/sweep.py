@@ -23,6 +23,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from api_schemas import ExperimentSpec, SpecError, TrainSummary, apply_overrides, parse_spec
+from workers.preemption import Preempted, stop_requested
 from workers.settings import StoreSettings
 from workers.storage import ArtifactStore, KeyNotFound, experiment_prefix, open_store
 from workers.training import cluster_has_gpus, make_trainer
@@ -87,7 +88,10 @@ def _trial_driver(
         settings=settings,
         callbacks=[TuneReportCallback()],
     )
-    trainer.fit()
+    result = trainer.fit()
+    if (result.metrics or {}).get("preempted"):
+        # an errored trial is run again by Tuner.restore(resume_errored=True), from its checkpoint
+        raise Preempted(f"{experiment_id}/{trial}: preempted; just-in-time checkpoint saved")
 
 
 def max_concurrent_trials(spec: ExperimentSpec) -> int:
@@ -325,6 +329,8 @@ def run_sweep(
             ),
         )
     results = tuner.fit()
+    if stop_requested(experiment_id) is not None:
+        raise Preempted(f"{experiment_id}: sweep preempted; its trials resume when the job runs again")
     rows = [_row(result, store, experiment_id) for result in results]
     write_results(store, experiment_id, rows, spec)
     return rows

@@ -6,6 +6,16 @@ by epoch. Rank 0 owns everything written: the per-epoch Ray checkpoint (through 
 which Ray uploads to the run's storage), metrics.jsonl and, at the end, the evaluation and
 summary.json. After a worker failure Ray restarts the group and every worker resumes from the last
 reported checkpoint (models, optimizer, epoch, RNG, history), losing at most the epochs since.
+
+Just-in-time checkpoints (issue 13), taken between two steps mid-epoch and reported like the
+periodic ones (metrics `jit` = 1, `step`):
+- a stop request (the driver got SIGTERM: workers/preemption.py): rank 0 reads it at most every
+  POLL_S seconds; every rank learns it at the next step (one all-reduce of two flags per step, over
+  gloo); all report the checkpoint, rank 0 writes preempted.json, and the train function returns
+  with `preempted` = 1 in its last report, which the driver reads;
+- a node drain (`ray.train.get_preemption_info()`, asked by all ranks at the same steps, when rank 0's
+  poll is due): the checkpoint is reported once per drain and training goes on; Ray Train tears the
+  group down at the drain's deadline and restarts it elsewhere from the newest checkpoint.
 """
 
 from __future__ import annotations
@@ -26,10 +36,11 @@ from torch.nn.parallel import DistributedDataParallel
 from api_schemas import ExperimentSpec
 from api_schemas.protocols import CUSTOM_ID, EvaluationSuite, custom_protocol_version
 from trainer import checkpoint as ckpt
-from trainer.loop import TrainingRun
+from trainer.loop import CheckpointRequested, TrainingRun
 from workers.config import WorkerConfig
 from workers.evaluation import sha256_file
 from workers.metrics_export import EpochGauges
+from workers.preemption import POLL_S, PREEMPTED_FILE, stop_requested
 from workers.storage import ArtifactStore, experiment_prefix, open_store
 
 log = logging.getLogger("workers.train")
@@ -44,6 +55,96 @@ def _ddp(device: torch.device):
         return DistributedDataParallel(module)
 
     return wrap
+
+
+class StepSignals:
+    """`TrainingRun.checkpoint_hooks` entry of a Ray Train worker: should the run stop before this step?
+
+    Rank 0 polls the experiment's stop flag every POLL_S seconds; the flags (stop wanted, poll due)
+    are all-reduced (MAX) over every rank at every step, so all ranks stop at the same step and call
+    `ray.train.get_preemption_info` (a collective) equally often. `kind` says what the last stop
+    was for: "stop" (checkpoint and return) or "drain" (checkpoint and go on).
+    """
+
+    def __init__(self, experiment_id: str, rank: int, world_size: int, device: torch.device) -> None:
+        self.experiment_id, self.rank, self.world_size = experiment_id, rank, world_size
+        self.kind: str | None = None
+        self.reason: str | None = None
+        self._last_poll = time.monotonic()
+        self._drains_seen: set[tuple[str, ...]] = set()
+        self._group = None
+        if world_size > 1 and torch.distributed.is_initialized():
+            # a CPU group for two flags a step: no GPU synchronisation on NCCL runs
+            cpu = torch.distributed.get_backend() == "gloo"
+            self._group = None if cpu else torch.distributed.new_group(backend="gloo")
+
+    def __call__(self, reason: str | None) -> str | None:
+        stop = reason is not None  # a local request_checkpoint() stops the run
+        due = False
+        if self.rank == 0 and time.monotonic() - self._last_poll >= POLL_S:
+            due, self._last_poll = True, time.monotonic()
+            if not stop:
+                request = stop_requested(self.experiment_id)
+                if request is not None:
+                    stop, reason = True, str(request.get("reason") or "stop requested")
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            flags = torch.tensor([int(stop), int(due)])
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, group=self._group)
+            stop, due = bool(flags[0]), bool(flags[1])
+        if stop:
+            self.kind, self.reason = "stop", reason or "stop requested (by rank 0)"
+            return self.reason
+        if due:
+            info = ray.train.get_preemption_info()
+            if info is not None:
+                nodes = tuple(info.preempted_node_ids)
+                if nodes not in self._drains_seen:
+                    self._drains_seen.add(nodes)
+                    self.kind = "drain"
+                    self.reason = (
+                        f"node preemption (nodes {', '.join(nodes)}, deadline_ms {info.deadline_ms})"
+                    )
+                    return self.reason
+        return None
+
+
+def _report_jit(
+    run: TrainingRun,
+    stop: CheckpointRequested,
+    *,
+    preempted: bool,
+    scratch: Path,
+    store: ArtifactStore | None,
+    prefix: str,
+) -> float:
+    """Report the just-in-time checkpoint (rank 0 writes it; every rank reports); its unix time."""
+    saved_at = time.time()
+    payload_dir = None
+    if run.rank == 0:
+        payload_dir = scratch / f"jit_{stop.epoch:04d}_{stop.step:06d}"
+        payload_dir.mkdir()
+        ckpt.save_checkpoint(payload_dir / STATE_FILE, run.checkpoint_payload())
+    last = run.history[-1] if run.history else {"epoch": run.epoch, "loss": float("nan")}
+    metrics = _epoch_report(last) if run.rank == 0 else {"epoch": float(run.epoch)}
+    metrics.update(jit=1.0, step=float(stop.step), preempted=float(preempted), checkpoint_at=saved_at)
+    checkpoint = None if payload_dir is None else ray.train.Checkpoint.from_directory(str(payload_dir))
+    ray.train.report(metrics, checkpoint=checkpoint)
+    if payload_dir is not None:
+        for old in payload_dir.iterdir():
+            old.unlink()
+        payload_dir.rmdir()
+    if store is not None:
+        event = {
+            "event": "checkpoint",
+            "kind": "preempted" if preempted else "drain",
+            "epoch": run.epoch,
+            "step": stop.step,
+            "reason": stop.reason,
+            "time": saved_at,
+        }
+        store.append_line(prefix + "events.jsonl", json.dumps(event))
+    log.info("just-in-time checkpoint reported: %s", stop)
+    return saved_at
 
 
 def _resume(run: TrainingRun) -> bool:
@@ -99,6 +200,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 event = {
                     "event": "resumed",
                     "epoch": run.epoch,
+                    "step": 0 if run.progress is None else run.progress.step,
                     "world_size": world_size,
                     "time": time.time(),
                 }
@@ -108,21 +210,47 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
             elif run.epoch == 0:
                 store.put_bytes(prefix + "metrics.jsonl", b"")
+        signals = StepSignals(cfg.experiment_id, rank, world_size, device)
+        run.checkpoint_hooks.append(signals)
         start = time.perf_counter()
         while run.epoch < spec.optimization.epochs:
-            metrics = run.train_epoch(progress=False)
+            try:
+                metrics = run.train_epoch(progress=False)
+            except CheckpointRequested as stop:
+                preempted = signals.kind != "drain"
+                saved_at = _report_jit(
+                    run, stop, preempted=preempted, scratch=Path(scratch), store=store, prefix=prefix
+                )
+                if not preempted:  # a node drain: go on until Ray Train moves the group
+                    run.resume_after_checkpoint()
+                    continue
+                if store is not None:
+                    store.put_json(
+                        prefix + PREEMPTED_FILE,
+                        {
+                            "saved_at": saved_at,
+                            "checkpoint_at": saved_at,
+                            "epoch": stop.epoch,  # completed epochs
+                            "step": stop.step,  # the next step of epoch `epoch` (0-based)
+                            "reason": stop.reason,
+                        },
+                    )
+                return
             payload_dir = None
             if rank == 0:
                 if run.score_epoch(metrics):
                     store.put_file(prefix + "checkpoints/best.pt", run.save(Path(scratch) / "best.pt"))
                 metrics.extra["finished_at"] = time.time()  # wall clock: epoch cycle times incl. reporting
-                run.history.append(metrics.model_dump(mode="json"))
-                store.append_line(prefix + "metrics.jsonl", metrics.model_dump_json())
-                gauges.report(run.history[-1])  # Ray's metrics agent -> Prometheus, Grafana
                 if run.epoch % spec.checkpoint.every_n_epochs == 0 or run.epoch == spec.optimization.epochs:
+                    metrics.checkpoint_at = time.time()
                     payload_dir = Path(scratch) / f"epoch_{run.epoch:04d}"
                     payload_dir.mkdir()
+                    run.history.append(metrics.model_dump(mode="json"))
                     ckpt.save_checkpoint(payload_dir / STATE_FILE, run.checkpoint_payload())
+                else:
+                    run.history.append(metrics.model_dump(mode="json"))
+                store.append_line(prefix + "metrics.jsonl", metrics.model_dump_json())
+                gauges.report(run.history[-1])  # Ray's metrics agent -> Prometheus, Grafana
             else:
                 run.history.append(metrics.model_dump(mode="json"))
             checkpoint = (

@@ -19,6 +19,7 @@ from ray.train.torch import TorchTrainer
 
 from api_schemas import ExperimentSpec, TrainSummary
 from workers.config import WorkerConfig
+from workers.preemption import PREEMPTED_FILE, Preempted
 from workers.settings import StoreSettings
 from workers.storage import ArtifactStore, experiment_prefix
 from workers.train_worker import train_loop_per_worker
@@ -101,8 +102,11 @@ def run_training(
     trainer = make_trainer(spec, experiment_id=experiment_id, trial=trial, store=store, settings=settings)
     log.info("training %s/%s on %d worker(s)", experiment_id, trial, spec.resources.num_workers)
     try:
-        trainer.fit()
+        result = trainer.fit()
     except Exception as exc:  # Ray wraps worker errors; keep the reason, drop the wrapper noise
         raise TrainingFailed(f"{experiment_id}/{trial}: training failed: {exc}") from exc
+    if (result.metrics or {}).get("preempted"):
+        where = f"{store.url}/{experiment_prefix(experiment_id, trial)}{PREEMPTED_FILE}"
+        raise Preempted(f"{experiment_id}/{trial}: preempted; just-in-time checkpoint saved ({where})")
     key = experiment_prefix(experiment_id, trial) + "summary.json"
     return TrainSummary.model_validate(store.get_json(key))
