@@ -221,7 +221,7 @@ def create_app(
             app_ray = ray
             if app_ray is None and settings.ray_address:
                 token = settings.ray_auth_token.get_secret_value() if settings.ray_auth_token else None
-                app_ray = RayJobs(settings.ray_address, token=token)
+                app_ray = RayJobs(settings.ray_address, token=token, gpu_resource=settings.gpu_resource)
             metrics.bind_database(sessions, settings=settings)
             app.state.engine = engine
             app.state.sessions = sessions

@@ -32,6 +32,8 @@ class Capacity:
     gpus: float
     cpus: float
     nodes: int
+    gpu_resource: str = "GPU"  # the Ray resource counted as `gpus`
+    has_gpu_resource: bool = False  # some live node reports it (with 0 of it free or not)
 
 
 @dataclass(frozen=True)
@@ -54,8 +56,10 @@ def job_metadata(*, experiment_id: str, name: str, user: str) -> dict[str, str]:
 
 
 class RayJobs:
-    def __init__(self, address: str, *, token: str | None = None) -> None:
+    def __init__(self, address: str, *, token: str | None = None, gpu_resource: str = "GPU") -> None:
         self.address = address if "://" in address else f"http://{address}"
+        #: the Ray resource that counts as a GPU (LBGAT_GPU_RESOURCE)
+        self.gpu_resource = gpu_resource
         # Sent on every request: Ray's client adds it by itself only where RAY_AUTH_MODE=token is set.
         self._token = find_ray_token(token)
         self._client: Any = None
@@ -178,10 +182,10 @@ class RayJobs:
 
     # -- cluster -------------------------------------------------------------------------------------
 
-    def capacity(self) -> Capacity:
-        """GPUs and CPUs of the cluster's live nodes (the state API's /api/v0/nodes)."""
+    def nodes(self) -> list[dict[str, Any]]:
+        """Every node the cluster knows, alive or dead (the state API's /api/v0/nodes, detailed)."""
 
-        def go(client: Any) -> Capacity:
+        def go(client: Any) -> list[dict[str, Any]]:
             response = client._do_request("GET", "/api/v0/nodes?limit=10000&detail=true")
             if response.status_code in (401, 403):
                 raise RayAuthError(missing_token_message(self.address) + " (or the token sent is wrong)")
@@ -189,13 +193,22 @@ class RayJobs:
                 raise RayUnavailable(
                     f"Ray dashboard at {self.address}: listing nodes answered {response.status_code}"
                 )
-            nodes = response.json()["data"]["result"]["result"]
-            alive = [n for n in nodes if n.get("state") == "ALIVE"]
-            gpus = sum(float(n.get("resources_total", {}).get("GPU", 0)) for n in alive)
-            cpus = sum(float(n.get("resources_total", {}).get("CPU", 0)) for n in alive)
-            return Capacity(gpus=gpus, cpus=cpus, nodes=len(alive))
+            return response.json()["data"]["result"]["result"]
 
         return self._call("listing nodes", go)
+
+    def capacity(self) -> Capacity:
+        """GPUs and CPUs of the cluster's live nodes. The GPUs are the resource named `gpu_resource`
+        (LBGAT_GPU_RESOURCE: "GPU", or a custom resource that stands for one)."""
+        alive = [n for n in self.nodes() if n.get("state") == "ALIVE"]
+        totals = [n.get("resources_total") or {} for n in alive]
+        return Capacity(
+            gpus=sum(float(t.get(self.gpu_resource, 0)) for t in totals),
+            cpus=sum(float(t.get("CPU", 0)) for t in totals),
+            nodes=len(alive),
+            gpu_resource=self.gpu_resource,
+            has_gpu_resource=any(self.gpu_resource in t for t in totals),
+        )
 
     def check(self) -> None:
         self.capacity()

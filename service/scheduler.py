@@ -554,6 +554,7 @@ class Scheduler:
             for secret in ("s3_access_key", "s3_secret_key"):
                 env.pop(env_name(secret), None)
         env["LBGAT_EXPERIMENT_ID"] = exp_id
+        env[env_name("gpu_resource")] = self.settings.gpu_resource  # what the workers ask for as GPUs
         return env
 
     def submit(self, exp_id: str) -> None:

@@ -55,6 +55,13 @@ class ServiceSettings(BaseSettings):
         "{python} -m workers.run --job-id {job_id}",
         description="the Ray job's command; {python} is worker_python, {job_id} the experiment id",
     )
+    gpu_resource: str = Field(
+        "GPU",
+        min_length=1,
+        description="the Ray resource that counts as a GPU: jobs are admitted by how much of it the live "
+        "nodes report, and their workers ask for it (passed to Ray jobs as LBGAT_GPU_RESOURCE). A custom "
+        "resource (e.g. fake_gpu) stands for a GPU on CPU-only clusters; the workers then run on CPUs.",
+    )
     pass_store_credentials: bool = Field(
         True,
         description="hand the store's keys to Ray jobs in their runtime env. Turn off when the Ray nodes "

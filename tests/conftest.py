@@ -104,3 +104,26 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 def ray_cluster(ray_head) -> str:
     """The session head's dashboard URL (the Job Submission API the service uses)."""
     return ray_head.dashboard_url
+
+
+@pytest.fixture(scope="session")
+def ray_multinode(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A real multi-node Ray cluster on 127.0.0.1 for the session: a head with no job resources and two
+    worker nodes (`ray start --address`), each with 1 CPU and one `fake_gpu`, the custom resource
+    standing for a GPU (the service counts it with LBGAT_GPU_RESOURCE=fake_gpu), token auth on with
+    the suite's token. Yields the `LocalRayCluster`; this process never joins it as a driver (it is
+    already one of `ray_head`'s): use the Job API, or drivers in subprocesses."""
+    pytest.importorskip("ray")
+    from service.local_ray import LocalRayCluster
+
+    cluster = LocalRayCluster(
+        state_dir=RAY_STATE_DIR,
+        workers=2,
+        cpus_per_worker=1,
+        gpu_resource="fake_gpu",
+        log_dir=tmp_path_factory.mktemp("ray-multinode"),
+    )
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -189,6 +189,22 @@ class StoreSettings(BaseSettings):
         return env
 
 
+#: The Ray resource a job asks for as its GPUs. "GPU" on real clusters; a custom resource (the tests'
+#: multi-node cluster's "fake_gpu") stands for one where there are none: the control plane admits
+#: jobs by how much of it the nodes report, and the workers ask for it but train on CPUs.
+GPU_RESOURCE_ENV = env_name("gpu_resource")
+
+
+def gpu_resource() -> str:
+    """LBGAT_GPU_RESOURCE (default "GPU"), the Ray resource that counts as a GPU."""
+    import os
+
+    name = os.environ.get(GPU_RESOURCE_ENV, "").strip() or "GPU"
+    if name in ("CPU", "memory", "object_store_memory"):
+        raise ValueError(f"{GPU_RESOURCE_ENV}={name!r} cannot stand for a GPU; use GPU or a custom resource")
+    return name
+
+
 def keep_matplotlib_out_of_home() -> None:
     """Point matplotlib's config and font cache (default ~/.config/matplotlib, ~/.cache/matplotlib)
     at a folder of ours under the system's temporary directory, unless MPLCONFIGDIR already says

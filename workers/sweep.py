@@ -24,7 +24,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from api_schemas import ExperimentSpec, SpecError, TrainSummary, apply_overrides, parse_spec
 from workers.preemption import Preempted, stop_requested
-from workers.settings import StoreSettings
+from workers.settings import StoreSettings, gpu_resource
 from workers.storage import ArtifactStore, KeyNotFound, experiment_prefix, open_store
 from workers.training import cluster_has_gpus, make_trainer
 
@@ -102,7 +102,7 @@ def max_concurrent_trials(spec: ExperimentSpec) -> int:
     total = ray.cluster_resources()
     use_gpu = cluster_has_gpus() if res.use_gpu is None else res.use_gpu
     if use_gpu:
-        return max(1, math.floor(total.get("GPU", 0) / (res.num_workers * res.gpus_per_worker)))
+        return max(1, math.floor(total.get(gpu_resource(), 0) / (res.num_workers * res.gpus_per_worker)))
     return max(1, math.floor(total.get("CPU", 1) / (res.num_workers * res.cpus_per_worker + DRIVER_CPU)))
 
 

@@ -20,7 +20,7 @@ from ray.train.torch import TorchTrainer
 from api_schemas import ExperimentSpec, TrainSummary
 from workers.config import WorkerConfig
 from workers.preemption import PREEMPTED_FILE, Preempted
-from workers.settings import StoreSettings
+from workers.settings import StoreSettings, gpu_resource
 from workers.storage import ArtifactStore, experiment_prefix
 from workers.train_worker import train_loop_per_worker
 
@@ -30,16 +30,21 @@ RAY_RUN_NAME = "ray"
 
 
 def cluster_has_gpus() -> bool:
-    return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
+    return ray.is_initialized() and ray.cluster_resources().get(gpu_resource(), 0) > 0
 
 
 def scaling_config(spec: ExperimentSpec) -> ScalingConfig:
+    """Each worker asks for its CPUs and, where GPUs are used, `gpus_per_worker` of the GPU resource
+    (LBGAT_GPU_RESOURCE); a custom resource standing for a GPU is held, but the worker runs on CPUs."""
     res = spec.resources
     use_gpu = cluster_has_gpus() if res.use_gpu is None else res.use_gpu
+    name = gpu_resource()
     per_worker: dict[str, float] = {"CPU": res.cpus_per_worker}
     if use_gpu:
-        per_worker["GPU"] = res.gpus_per_worker
-    return ScalingConfig(num_workers=res.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker)
+        per_worker[name] = res.gpus_per_worker
+    return ScalingConfig(
+        num_workers=res.num_workers, use_gpu=use_gpu and name == "GPU", resources_per_worker=per_worker
+    )
 
 
 def absolute_paths(spec: ExperimentSpec, base: Path | None = None) -> ExperimentSpec:
