@@ -327,13 +327,13 @@ def budget_states(
     return states
 
 
-# (team id, period start, what) already logged by this process: the log says each once per period
-_logged: set[tuple[int, datetime, str]] = set()
+# (team, period start, what) already logged by this process: the log says each once per period
+_logged: set[tuple[str, datetime, str]] = set()
 _logged_lock = threading.Lock()
 
 
 def _log_once(state: BudgetState, what: str, message: str) -> None:
-    key = (state.team_id, state.period_start, what)
+    key = (state.team, state.period_start, what)
     with _logged_lock:
         if key in _logged:
             return

@@ -196,7 +196,9 @@ def _candidates(api: Api, *, notify: bool = False) -> dict[str, Any]:
     return {c.id: c for c in candidates}
 
 
-def test_budgets_warn_at_80_percent_then_lower_priority_or_hold(api: Api) -> None:
+def test_budgets_warn_at_80_percent_then_lower_priority_or_hold(
+    api: Api, caplog: pytest.LogCaptureFixture
+) -> None:
     lead = api.person()
     team = lead.team
     hook = lead.http.post(
@@ -223,7 +225,11 @@ def test_budgets_warn_at_80_percent_then_lower_priority_or_hold(api: Api) -> Non
     assert (budget["warning"], budget["exceeded"]) == (True, False)
     assert usage(lead)["budgets"][0]["warning"] is True
     assert _candidates(api, notify=True)[waiting].priority == 5
-    _candidates(api, notify=True)  # the warning goes once per period and webhook
+    _candidates(api, notify=True)  # the warning goes once per period and webhook, and is logged once
+    warned = [
+        r for r in caplog.records if r.name == "service.accounting" and f"team {team} has used" in r.message
+    ]
+    assert len(warned) == 1 and "9.0 of its 10 GPU-hours this month (90%)" in warned[0].message
     with api.sessions() as session:
         events = session.scalars(
             select(WebhookDelivery.payload).where(WebhookDelivery.webhook_id == hook.json()["id"])
@@ -353,3 +359,17 @@ def test_outcomes_of_the_ways_an_attempt_ends() -> None:
         == "evaluation.succeeded"
     )
     assert event_for(exp(), JobState.running, JobState.failed, None) == "job.failed"
+
+
+def test_budget_periods_are_utc_calendar_periods() -> None:
+    from datetime import datetime, timezone
+
+    from service.accounting import period_bounds
+
+    at = datetime(2026, 12, 31, 23, 30, tzinfo=timezone.utc)  # a Thursday
+    utc = timezone.utc
+    assert period_bounds("day", at) == (datetime(2026, 12, 31, tzinfo=utc), datetime(2027, 1, 1, tzinfo=utc))
+    assert period_bounds("week", at) == (datetime(2026, 12, 28, tzinfo=utc), datetime(2027, 1, 4, tzinfo=utc))
+    assert period_bounds("month", at) == (datetime(2026, 12, 1, tzinfo=utc), datetime(2027, 1, 1, tzinfo=utc))
+    with pytest.raises(ValueError, match="day, week or month"):
+        period_bounds("year", at)
