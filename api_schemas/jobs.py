@@ -93,6 +93,60 @@ class QueueInfo(_Out):
 
     position: int = Field(description="1 = next to be considered")
     reason: str
+    estimated_start: datetime | None = Field(
+        None,
+        description="when the scheduler expects the job to start, from what runs now (epochs done, "
+        "epoch durations, epochs left) and what is ahead of it; null when it cannot tell",
+    )
+
+
+class FairShareStanding(_Out):
+    """The owner's and the team's GPU-hours in the fair-share window (LBGAT_FAIR_SHARE_WINDOW_H), and
+    their share of all GPU-hours used in it (0 to 1); lower standing runs first among equal priorities."""
+
+    user_gpu_hours: float
+    user_share: float
+    team_gpu_hours: float
+    team_share: float
+
+
+class QueueEntry(_Out):
+    """A job of the queue: waiting (position, reason, estimated start) or running (expected end)."""
+
+    position: int | None = Field(None, description="waiting jobs: 1 = next to be considered; null if running")
+    id: str
+    name: str
+    kind: Literal["training", "evaluation"] = "training"
+    state: JobState
+    priority: int
+    effective_priority: int = Field(
+        description="the priority the scheduler uses: lowered while the team's budget is spent"
+    )
+    owner: str
+    team: str
+    fair_share: FairShareStanding
+    gpus: float
+    cpus: float
+    reason: str | None = Field(None, description="why a waiting job waits")
+    estimated_start: datetime | None = Field(
+        None, description="waiting jobs: when they are expected to start"
+    )
+    started_at: datetime | None = None
+    expected_end: datetime | None = Field(None, description="running jobs: when they are expected to end")
+    preempted_by: str | None = Field(
+        None, description="a running job being preempted: the job it makes way for"
+    )
+    preemptions: int = Field(0, description="times the job was preempted so far")
+
+
+class QueueOut(_Out):
+    """GET /v1/queue: the running jobs and the waiting ones in queue order (those the caller may see)."""
+
+    generated_at: datetime
+    fair_share_window_h: float
+    running: list[QueueEntry]
+    waiting: list[QueueEntry]
+    more_waiting: int = Field(0, description="waiting jobs past `limit`, not listed")
 
 
 class StateChange(_Out):

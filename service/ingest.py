@@ -16,6 +16,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from pydantic import ValidationError
@@ -109,7 +110,28 @@ def ingest_metrics(session: Session, store: ArtifactStore, exp_id: str) -> int:
             trial.latest_metrics = fresh[-1]
             exp.latest_metrics = {"trial": name, **fresh[-1]}
             new_total += len(fresh)
+            _note_checkpoint(exp, fresh, now)
     return new_total
+
+
+def _note_checkpoint(exp: Experiment, rows: list[dict[str, Any]], now: datetime) -> None:
+    """`last_checkpoint_at` (what a preemption would lose is counted from it): the newest
+    `checkpoint_at` (unix time) of a training run's rows; an evaluation's shards are its checkpoints,
+    so the time of its newest progress row (else when it was read)."""
+    key = "time" if exp.kind == "evaluation" else "checkpoint_at"
+    times = [
+        float(v)
+        for v in (row.get(key) for row in rows)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1e11
+    ]
+    if times:
+        at = datetime.fromtimestamp(min(max(times), now.timestamp()), tz=timezone.utc)
+    elif exp.kind == "evaluation":
+        at = now
+    else:
+        return
+    if exp.last_checkpoint_at is None or at > exp.last_checkpoint_at:
+        exp.last_checkpoint_at = at
 
 
 @dataclass

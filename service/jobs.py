@@ -46,7 +46,10 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
             JobState.cancelled,
         }
     ),
-    JobState.running: frozenset({JobState.retrying, JobState.succeeded, JobState.failed, JobState.cancelled}),
+    # running -> queued: preempted for a higher-priority job (it resumes from its checkpoint)
+    JobState.running: frozenset(
+        {JobState.queued, JobState.retrying, JobState.succeeded, JobState.failed, JobState.cancelled}
+    ),
     JobState.succeeded: frozenset(),
     JobState.failed: frozenset({JobState.queued}),
     JobState.cancelled: frozenset({JobState.queued}),
@@ -446,12 +449,13 @@ def trials(session: Session, experiment_id: str) -> list[Trial]:
 
 
 def to_out(
-    exp: Experiment, *, settings: ServiceSettings, queue: dict[str, tuple[int, str]] | None = None
+    exp: Experiment, *, settings: ServiceSettings, queue: dict[str, tuple[Any, ...]] | None = None
 ) -> ExperimentOut:
     info = None
     if queue is not None and exp.state in WAITING_STATES and exp.id in queue:
-        position, reason = queue[exp.id]
-        info = QueueInfo(position=position, reason=reason)
+        # (position, reason) or (position, reason, estimated start) from Scheduler.queue_view
+        position, reason, *rest = queue[exp.id]
+        info = QueueInfo(position=position, reason=reason, estimated_start=rest[0] if rest else None)
     base = settings.dashboard_base()
     return ExperimentOut(
         id=exp.id,

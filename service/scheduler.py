@@ -46,25 +46,34 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api_schemas.jobs import JobState
 from service import accounting, ingest
 from service.db.engine import run_tx
-from service.db.models import Experiment, User, utcnow
+from service.db.models import Event, Experiment, StartEstimate, User, utcnow
+from service.estimates import RATE_ROWS, Ahead, Busy, estimate_starts, expected_duration_s, expected_end
 from service.jobs import ACTIVE_STATES, WAITING_STATES, transition, usage_gpu_hours
 from service.metrics import observe_round
+from service.preemption import (
+    PREEMPTED_FILE,
+    PreemptionPolicy,
+    choose_victims,
+    requeue_reason,
+    saved_at,
+    waiting_reason,
+)
 from service.ray_jobs import Capacity, RayJobs, RayJobState, RayUnavailable, job_metadata
 from service.settings import ServiceSettings
 from service.store_health import StoreMonitor
 from service.text import clean_lines, one_line, strip_ansi, tail
 from workers.metrics_export import EXPERIMENT_USER_ENV
-from workers.run import EXIT_BAD_INPUT
+from workers.run import EXIT_BAD_INPUT, EXIT_PREEMPTED
 from workers.settings import StoreSettings, env_name
-from workers.storage import ArtifactStore, StoreError, StoreUnavailable, experiment_prefix
+from workers.storage import ArtifactStore, KeyNotFound, StoreError, StoreUnavailable, experiment_prefix
 
 log = logging.getLogger("service.scheduler")
 
@@ -97,6 +106,12 @@ class Holder:
     gpus: float
     cpus: float
     charge_rate: float
+    # for preemption (service.preemption): who it is, and how much a stop now would lose
+    id: str = ""
+    priority: int = 0
+    started_at: datetime | None = None
+    last_checkpoint_at: datetime | None = None
+    preempting_for: str | None = None  # being preempted for that job (its Ray job is stopping)
 
 
 @dataclass(frozen=True)
@@ -110,6 +125,11 @@ class UserLimits:
 class Plan:
     dispatch: list[Candidate] = field(default_factory=list)
     waiting: dict[str, tuple[int, str]] = field(default_factory=dict)
+    # filled by the Scheduler (service.estimates): waiting jobs' expected starts, running jobs' ends
+    estimates: dict[str, datetime | None] = field(default_factory=dict)
+    ends: dict[str, datetime] = field(default_factory=dict)
+    # new preemption decisions: waiting job -> the running jobs to stop for it
+    preempt: dict[str, list[str]] = field(default_factory=dict)
 
 
 def effective_gpus(job: Candidate, capacity: Capacity | None) -> float:
@@ -131,9 +151,15 @@ def plan(
     quantum_h: float,
     capacity_error: str | None = None,
     store_error: str | None = None,
+    preemption: PreemptionPolicy | None = None,
 ) -> Plan:
     """Who is dispatched now, and every waiting job's position and reason (see the module docstring).
-    `store_error` (the artifact store does not answer) holds every job, as Ray being unreachable does."""
+    `store_error` (the artifact store does not answer) holds every job, as Ray being unreachable does.
+
+    With `preemption`, the first job in line that waits for a slot or capacity may stop lower-priority
+    running jobs (service.preemption): `Plan.preempt` holds the new decisions. Such a job (and one whose
+    victims are still stopping) counts as admitted on what its victims free, so jobs after it are
+    planned as if it ran, and it waits with the reason naming its victims."""
     active = list(active)
     queues: dict[int, list[Candidate]] = {}
     for job in sorted(candidates, key=lambda j: (-j.priority, j.created_at, j.id)):
@@ -178,6 +204,7 @@ def plan(
     result = Plan()
     position = 0
     blocked_by: str | None = None
+    taken: set[str] = set()  # victims chosen in this plan (those already stopping are not eligible)
     while heap:
         _, entry_stamp, owner = heapq.heappop(heap)
         job = queues[owner][-1]
@@ -191,6 +218,7 @@ def plan(
 
         lim = limits.get(owner) or UserLimits(str(owner), max_running, float("inf"))
         gpus = effective_gpus(job, capacity)
+        first_in_line = blocked_by is None
         reason: str | None = None
         waits_in_line = False  # blocked only by what frees up as jobs finish (slots, capacity)
         if job.held is not None:  # accounting: held, and holds up no one
@@ -222,6 +250,34 @@ def plan(
                 f"{max(free_cpus, 0):g} CPUs are free"
             )
             blocked_by = job.id
+        if (
+            waits_in_line
+            and first_in_line
+            and preemption is not None
+            and job.priority >= preemption.min_priority
+        ):
+            in_flight = [h for h in active if h.preempting_for == job.id]
+            victims = in_flight or choose_victims(
+                priority=job.priority,
+                need_slots=1 - slots,
+                need_gpus=gpus - free_gpus,
+                need_cpus=job.cpus - free_cpus,
+                running=active,
+                policy=preemption,
+                taken=taken,
+            )
+            if victims:
+                if not in_flight:
+                    result.preempt[job.id] = [v.id for v in victims]
+                    taken.update(v.id for v in victims)
+                reason = waiting_reason([v.id for v in victims])
+                # admitted on what its victims free: later jobs are planned as if it ran
+                blocked_by = None
+                slots += len(victims) - 1
+                free_gpus += sum(v.gpus for v in victims) - gpus
+                free_cpus += sum(v.cpus for v in victims) - job.cpus
+                running[owner] = running.get(owner, 0) + 1
+                held_gpus[owner] = held_gpus.get(owner, 0.0) + gpus
         if reason is not None:
             position += 1
             result.waiting[job.id] = (position, reason)
@@ -336,13 +392,15 @@ class Scheduler:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._view: dict[str, tuple[int, str]] = {}
+        self._view: dict[str, tuple[int, str, datetime | None]] = {}
+        self._ends: dict[str, datetime] = {}
         self._view_at = 0.0
         self._view_lock = threading.Lock()
         self._capacity: Capacity | None = None
         self._capacity_at = 0.0
         self._capacity_error: str | None = None
         self._metrics_at: dict[str, float] = {}
+        self._restopped: dict[str, float] = {}  # victim -> when it was last asked to stop again
         self.rounds = 0
         # The store's circuit breaker; its view of the store (one short attempt per request) is what
         # the rounds use, so that no round waits out the store client's retries.
@@ -446,7 +504,7 @@ class Scheduler:
             query = query.with_for_update(skip_locked=True)
         candidates = [Candidate(*row) for row in session.execute(query)]
         active = [
-            Holder(*row)
+            Holder(*row[:-2], preempting_for=row[-2] if row[-1] is not None else None)
             for row in session.execute(
                 select(
                     Experiment.owner_id,
@@ -454,6 +512,12 @@ class Scheduler:
                     Experiment.gpus,
                     Experiment.cpus,
                     Experiment.charge_rate,
+                    Experiment.id,
+                    Experiment.priority,
+                    Experiment.started_at,
+                    Experiment.last_checkpoint_at,
+                    Experiment.preempted_by,
+                    Experiment.preempt_requested_at,
                 ).where(Experiment.state.in_(ACTIVE_STATES))
             )
         ]
@@ -477,10 +541,12 @@ class Scheduler:
     def _plan(self, session: Session, *, lock: bool) -> Plan:
         candidates, active, limits = self._inputs(session, lock=lock)
         if not candidates:
-            return Plan()
+            result = Plan()
+            self._estimate(session, result, candidates, active)
+            return result
         user_usage, team_usage = usage_gpu_hours(session, settings=self.settings)
         capacity = self.capacity()
-        return plan(
+        result = plan(
             candidates,
             active,
             capacity=capacity,
@@ -491,34 +557,153 @@ class Scheduler:
             quantum_h=self.settings.fair_share_quantum_h,
             capacity_error=self._capacity_error,
             store_error=None if self.store_monitor.available else self.store_monitor.error,
+            preemption=self._preemption_policy(),
+        )
+        self._estimate(session, result, candidates, active)
+        return result
+
+    def _estimate(
+        self, session: Session, result: Plan, candidates: list[Candidate], active: list[Holder]
+    ) -> None:
+        """Fill `result.estimates` (waiting jobs' expected starts) and `result.ends` (running jobs'
+        expected ends); see service.estimates."""
+        now = utcnow()
+        default_s = self.settings.estimate_default_duration_s
+        grace_s = self.settings.preemption_grace_s
+        stopping = {v for victims in result.preempt.values() for v in victims}
+        busy: list[Busy] = []
+        info = {}
+        if active:
+            info = {
+                row.id: row
+                for row in session.execute(
+                    select(
+                        Experiment.id,
+                        Experiment.kind,
+                        Experiment.spec,
+                        Experiment.preempt_requested_at,
+                    ).where(Experiment.id.in_([h.id for h in active]))
+                )
+            }
+        for h in active:
+            row = info.get(h.id)
+            if row is None:
+                continue
+            if row.preempt_requested_at is not None or h.id in stopping:
+                end = max(now, (row.preempt_requested_at or now) + timedelta(seconds=grace_s))
+            else:
+                events = self._progress_rows(session, h.id, evaluation=row.kind == "evaluation")
+                end = expected_end(
+                    kind=row.kind,
+                    spec=row.spec,
+                    rows=[e.data for e in events],
+                    last_row_at=events[-1].at if events else None,
+                    started_at=h.started_at,
+                    now=now,
+                    default_s=default_s,
+                )
+            result.ends[h.id] = end
+            busy.append(Busy(h.id, h.gpus, h.cpus, end))
+        capacity = self._capacity
+        if capacity is None or not result.waiting:
+            return
+        by_id = {c.id: c for c in candidates}
+        for job in result.dispatch:
+            busy.append(
+                Busy(job.id, effective_gpus(job, capacity), job.cpus, now + timedelta(seconds=default_s))
+            )
+        order = sorted(result.waiting, key=lambda i: result.waiting[i][0])[: self.settings.estimate_max_jobs]
+        details = {}
+        for chunk in range(0, len(order), 500):
+            ids = order[chunk : chunk + 500]
+            for row in session.execute(
+                select(Experiment.id, Experiment.kind, Experiment.spec, Experiment.latest_metrics).where(
+                    Experiment.id.in_(ids)
+                )
+            ):
+                details[row.id] = row
+        ahead = []
+        for exp_id in order:
+            job, row = by_id.get(exp_id), details.get(exp_id)
+            if job is None or row is None:
+                continue
+            duration = expected_duration_s(
+                kind=row.kind, spec=row.spec, latest=row.latest_metrics, default_s=default_s
+            )
+            ahead.append(Ahead(exp_id, effective_gpus(job, capacity), job.cpus, duration))
+        result.estimates = estimate_starts(
+            ahead,
+            busy,
+            gpus=capacity.gpus,
+            cpus=capacity.cpus,
+            max_running=self.settings.max_running_jobs,
+            now=now,
         )
 
-    def queue_view(self, ids: Iterable[str] = (), max_age_s: float = 2.0) -> dict[str, tuple[int, str]]:
-        """Position and reason of every waiting job: the last round's, or a fresh plan when that is old
-        (a replica whose scheduler is off, or a round that has not run for a while) or does not know
-        one of the waiting jobs `ids` (submitted since)."""
+    @staticmethod
+    def _progress_rows(session: Session, exp_id: str, *, evaluation: bool) -> list[Event]:
+        """A running job's latest metric rows (main trial), oldest first: every progress row of an
+        evaluation (one per shard), the last few epochs of a training run."""
+        query = (
+            select(Event)
+            .where(Event.experiment_id == exp_id, Event.kind == "metric", Event.trial == "main")
+            .order_by(Event.id.desc())
+        )
+        if not evaluation:
+            query = query.limit(RATE_ROWS)
+        return list(reversed(session.scalars(query).all()))
+
+    def _preemption_policy(self) -> PreemptionPolicy | None:
+        if not self.settings.preemption_enabled:
+            return None
+        return PreemptionPolicy(
+            min_priority=self.settings.preempt_min_priority,
+            min_run_s=self.settings.preempt_min_run_s,
+            now=utcnow(),
+        )
+
+    def queue_view(
+        self, ids: Iterable[str] = (), max_age_s: float = 2.0
+    ) -> dict[str, tuple[int, str, datetime | None]]:
+        """Position, reason and estimated start of every waiting job: the last round's, or a fresh plan
+        when that is old (a replica whose scheduler is off, or a round that has not run for a while) or
+        does not know one of the waiting jobs `ids` (submitted since)."""
         with self._view_lock:
             if time.monotonic() - self._view_at <= max_age_s and all(i in self._view for i in ids):
                 return self._view
         with self.sessions() as session:
-            view = self._plan(session, lock=False).waiting
+            self._keep_view(self._plan(session, lock=False))
         with self._view_lock:
-            self._view, self._view_at = view, time.monotonic()
-        return view
+            return self._view
+
+    def expected_ends(self) -> dict[str, datetime]:
+        """Running (and dispatched) jobs' expected ends, as of the latest plan (see queue_view)."""
+        self.queue_view()
+        with self._view_lock:
+            return dict(self._ends)
+
+    def _keep_view(self, result: Plan) -> None:
+        view = {
+            exp_id: (position, reason, result.estimates.get(exp_id))
+            for exp_id, (position, reason) in result.waiting.items()
+        }
+        with self._view_lock:
+            self._view, self._ends, self._view_at = view, dict(result.ends), time.monotonic()
 
     def schedule(self) -> list[str]:
         """Plan, claim the jobs to start (queued -> dispatching) in one transaction, then submit them."""
 
-        def claim(session: Session) -> list[tuple[str, int]]:
+        def claim(session: Session) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
             if session.get_bind().dialect.name == "postgresql":
                 got = session.execute(
                     text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": _ROUND_LOCK}
                 ).scalar()
                 if not got:
-                    return []  # another replica is scheduling right now
+                    return [], []  # another replica is scheduling right now
             result = self._plan(session, lock=True)
-            with self._view_lock:
-                self._view, self._view_at = result.waiting, time.monotonic()
+            self._keep_view(result)
+            self._record_estimates(session, result)
+            victims = self._preempt(session, result)
             claimed = []
             capacity = self._capacity
             for job in result.dispatch:
@@ -536,17 +721,109 @@ class Scheduler:
                     ray_job_id=ray_submission_id(exp),
                     dispatched_at=utcnow(),
                     started_at=None,
+                    preempt_requested_at=None,
                     gpus=gpus,
                     charge_rate=gpus if gpus > 0 else exp.cpus * self.settings.cpu_gpu_equivalent,
                 )
                 if ok:
                     claimed.append((exp.id, attempt))
-            return claimed
+            return claimed, victims
 
-        claimed = run_tx(self.sessions, claim)
+        claimed, victims = run_tx(self.sessions, claim)
+        for exp_id, submission_id in victims:
+            self._stop_victim(exp_id, submission_id)
         for exp_id, _attempt in claimed:
             self.submit(exp_id)
         return [c[0] for c in claimed]
+
+    # -- preemption and estimates --------------------------------------------------------------------
+
+    def _preempt(self, session: Session, result: Plan) -> list[tuple[str, str]]:
+        """Mark the plan's new victims (one decision per victim: the UPDATE is conditional on none
+        being in flight) with a `state` event to the same state; returns (id, Ray submission id) of
+        those whose Ray job is to be stopped once the transaction commits."""
+        marked = []
+        now = utcnow()
+        for preemptor, victims in result.preempt.items():
+            for victim in victims:
+                exp = session.get(Experiment, victim)
+                if exp is None or exp.state not in ACTIVE_STATES or exp.ray_job_id is None:
+                    continue
+                done = session.execute(
+                    update(Experiment)
+                    .where(
+                        Experiment.id == victim,
+                        Experiment.state == exp.state,
+                        Experiment.preempt_requested_at.is_(None),
+                    )
+                    .values(preempt_requested_at=now, preempted_by=preemptor, updated_at=now)
+                    .execution_options(synchronize_session=False)
+                )
+                if done.rowcount != 1:
+                    continue
+                session.add(
+                    Event(
+                        experiment_id=victim,
+                        kind="state",
+                        data={
+                            "from": exp.state,
+                            "to": exp.state,
+                            "reason": f"preempting for {preemptor}: saving a checkpoint and stopping "
+                            f"(grace {self.settings.preemption_grace_s:g} s)",
+                        },
+                        at=now,
+                    )
+                )
+                log.info("preempting %s for %s", victim, preemptor)
+                marked.append((victim, exp.ray_job_id))
+        return marked
+
+    def _stop_victim(self, exp_id: str, submission_id: str) -> None:
+        """Stop a victim's Ray job: its entrypoint gets SIGTERM, saves a checkpoint and exits (Ray kills
+        it after RAY_JOB_STOP_WAIT_TIME_S). Reconciling puts it back in the queue once Ray says it ended."""
+        if self.ray is None:
+            return
+        try:
+            self.ray.stop(submission_id)
+        except RayUnavailable as exc:  # the next rounds stop it again (see _reconcile_one)
+            log.warning("%s: could not stop Ray job %s for preemption: %s", exp_id, submission_id, exc)
+
+    def _record_estimates(self, session: Session, result: Plan) -> None:
+        """Store each waiting job's estimated start (Experiment.estimated_start_at) and a StartEstimate
+        row when it is first made or moves by more than `estimate_record_threshold_s`."""
+        estimates = {i: e for i, e in result.estimates.items() if e is not None}
+        if not estimates:
+            return
+        threshold = self.settings.estimate_record_threshold_s
+        now = utcnow()
+        ids = list(estimates)
+        for chunk in range(0, len(ids), 500):
+            part = ids[chunk : chunk + 500]
+            stored = dict(
+                session.execute(
+                    select(Experiment.id, Experiment.estimated_start_at).where(Experiment.id.in_(part))
+                ).all()
+            )
+            for exp_id in part:
+                if exp_id not in stored:
+                    continue
+                new, old = estimates[exp_id], stored[exp_id]
+                if old is not None and abs((new - old).total_seconds()) <= threshold:
+                    continue
+                session.execute(
+                    update(Experiment)
+                    .where(Experiment.id == exp_id)
+                    .values(estimated_start_at=new)
+                    .execution_options(synchronize_session=False)
+                )
+                session.add(
+                    StartEstimate(
+                        experiment_id=exp_id,
+                        made_at=now,
+                        estimated_start=new,
+                        position=result.waiting[exp_id][0],
+                    )
+                )
 
     def _job_env(self, exp_id: str) -> dict[str, str]:
         env = self.store_settings.as_env()
@@ -555,6 +832,9 @@ class Scheduler:
                 env.pop(env_name(secret), None)
         env["LBGAT_EXPERIMENT_ID"] = exp_id
         env[env_name("gpu_resource")] = self.settings.gpu_resource  # what the workers ask for as GPUs
+        # how long Ray waits after SIGTERM before it kills the job: the preemption grace period, in
+        # which the worker saves its just-in-time checkpoint
+        env["RAY_JOB_STOP_WAIT_TIME_S"] = str(max(1, round(self.settings.preemption_grace_s)))
         return env
 
     def submit(self, exp_id: str) -> None:
@@ -637,6 +917,7 @@ class Scheduler:
                 return
             state, submission_id, cancel = JobState(exp.state), exp.ray_job_id, exp.cancel_requested
             dispatched_at = exp.dispatched_at
+            preempting = None if cancel else exp.preempt_requested_at
         if self.ray is None or submission_id is None:
             return
         ray_state = self.ray.state(submission_id)
@@ -644,6 +925,14 @@ class Scheduler:
         if cancel and ray_state is not None and ray_state.status in RAY_ACTIVE:
             self.ray.stop(submission_id)
             return  # the next round sees STOPPED
+        if preempting is not None and ray_state is not None and ray_state.status in RAY_ACTIVE:
+            self._stop_overdue_victim(exp_id, submission_id, preempting, now)
+        if preempting is not None and (ray_state is None or ray_state.status in ("STOPPED", "FAILED")):
+            if self.store_monitor.available and (
+                ray_state is None or self._ingest_metrics(exp_id, force=True)
+            ):
+                self._preempted(exp_id)
+            return
         store_up = self.store_monitor.available
         still_running = ray_state is None or ray_state.status in RAY_ACTIVE
         if not store_up and still_running and self._outage_too_long():
@@ -684,9 +973,101 @@ class Scheduler:
             self._finish(exp_id, JobState.cancelled, "cancelled")
         else:
             failure = self._failure(submission_id, ray_state)
+            if failure.exit_code == EXIT_PREEMPTED:
+                # the worker checkpointed and stopped on its own (a node drained under it): not a failure
+                self._preempted(exp_id, by_worker=failure.error)
+                return
             self._attempt_failed(
                 exp_id, failure.error, log_tail=failure.log_tail, retry=not failure.bad_input
             )
+
+    def _stop_overdue_victim(
+        self, exp_id: str, submission_id: str, asked_at: datetime, now: datetime
+    ) -> None:
+        """A victim Ray still runs past grace + margin (Ray should have killed it after the grace):
+        ask Ray to stop it again, at most once per grace period."""
+        grace = self.settings.preemption_grace_s
+        overdue = (now - asked_at).total_seconds() - grace - self.settings.preemption_stop_margin_s
+        if overdue <= 0 or time.monotonic() - self._restopped.get(exp_id, 0.0) < grace:
+            return
+        self._restopped[exp_id] = time.monotonic()
+        log.warning("%s: still running %.0f s after its preemption; stopping it again", exp_id, overdue)
+        self._stop_victim(exp_id, submission_id)
+
+    def _preempted(self, exp_id: str, *, by_worker: str | None = None) -> None:
+        """The victim's Ray job ended: back to `queued` (it keeps its place), its attempt not charged.
+        Its just-in-time checkpoint's time (preempted.json) becomes `last_checkpoint_at`; the work since
+        the last checkpoint is counted as lost. `by_worker`: the worker stopped without being asked
+        (exit code EXIT_PREEMPTED, e.g. its node was drained), with this error line."""
+        with self.sessions() as session:
+            exp = session.get(Experiment, exp_id)
+            if exp is None or exp.state not in ACTIVE_STATES:
+                return
+            kind, is_sweep, started_at = exp.kind, exp.is_sweep, exp.started_at
+        saved: float | None = None
+        if kind != "evaluation":
+            try:
+                saved = self._checkpoint_saved_at(exp_id, is_sweep=is_sweep)
+            except StoreUnavailable as exc:
+                self.store_monitor.record_failure(exc)
+                return  # finalised once the store answers
+            except StoreError as exc:
+                log.warning("%s: reading its preempted.json: %s", exp_id, exc)
+        if saved is not None and started_at is not None and saved < started_at.timestamp() - 1:
+            saved = None  # an earlier attempt's marker
+
+        def go(session: Session) -> None:
+            exp = session.get(Experiment, exp_id)
+            if exp is None or exp.state not in ACTIVE_STATES:
+                return
+            if exp.preempt_requested_at is None and by_worker is None:
+                return
+            now = utcnow()
+            checkpoint = exp.last_checkpoint_at
+            if saved is not None:
+                at = datetime.fromtimestamp(min(saved, now.timestamp()), tz=now.tzinfo)
+                checkpoint = at if checkpoint is None or at > checkpoint else checkpoint
+            lost = 0.0
+            if exp.started_at is not None:
+                since = max(exp.started_at, checkpoint) if checkpoint is not None else exp.started_at
+                lost = max(0.0, (now - since).total_seconds()) * exp.charge_rate
+            transition(
+                session,
+                exp,
+                JobState.queued,
+                reason=requeue_reason(
+                    exp.preempted_by if by_worker is None else None,
+                    checkpoint_saved=saved is not None,
+                    why=by_worker,
+                ),
+                attempts=max(0, exp.attempts - 1),
+                preemptions=(exp.preemptions or 0) + 1,
+                preempt_requested_at=None,
+                last_checkpoint_at=checkpoint,
+                lost_gpu_seconds=(exp.lost_gpu_seconds or 0.0) + lost,
+                # dispatched_at stays: the next run gets a new Ray submission id (ray_submission_id)
+                estimated_start_at=None,
+            )
+
+        run_tx(self.sessions, go)
+        self._restopped.pop(exp_id, None)
+
+    def _checkpoint_saved_at(self, exp_id: str, *, is_sweep: bool) -> float | None:
+        """The newest `saved_at` of the run's preempted.json files (every trial's, for a sweep)."""
+        if is_sweep:
+            prefix = experiment_prefix(exp_id)
+            keys = [i.key for i in self._store.list(prefix) if i.key.endswith("/" + PREEMPTED_FILE)]
+        else:
+            keys = [experiment_prefix(exp_id, "main") + PREEMPTED_FILE]
+        times = []
+        for key in keys:
+            try:
+                value = saved_at(self._store.get_json(key))
+            except KeyNotFound:
+                continue
+            if value is not None:
+                times.append(value)
+        return max(times) if times else None
 
     def _failure(self, submission_id: str, ray_state: RayJobState) -> Failure:
         try:

@@ -110,6 +110,44 @@ class ServiceSettings(BaseSettings):
         "stopped: they could not save checkpoints or results); waiting jobs stay queued",
     )
 
+    # -- preemption and start-time estimates (service.scheduler) --------------------------------------
+    preemption_enabled: bool = Field(
+        False,
+        description="let a waiting job that cannot be admitted for capacity stop lower-priority running "
+        "jobs: they save a just-in-time checkpoint, go back to the queue and resume from it",
+    )
+    preempt_min_priority: int = Field(
+        1,
+        description="the lowest priority a job must have to preempt others; a victim's priority is always "
+        "strictly lower than the preempting job's",
+    )
+    preempt_min_run_s: float = Field(
+        600.0, ge=0, description="a job runs at least this long (seconds) before it can be preempted"
+    )
+    preemption_grace_s: float = Field(
+        60.0,
+        gt=0,
+        description="how long a preempted job has to save its checkpoint and exit before Ray kills it "
+        "(RAY_JOB_STOP_WAIT_TIME_S of its Ray job)",
+    )
+    preemption_stop_margin_s: float = Field(
+        30.0,
+        ge=0,
+        description="past grace + this margin, a victim Ray still reports running is stopped again",
+    )
+    estimate_default_duration_s: float = Field(
+        3600.0, gt=0, description="expected run time of a job whose epoch (or shard) duration is unknown yet"
+    )
+    estimate_record_threshold_s: float = Field(
+        60.0,
+        ge=0,
+        description="an estimated start is recorded (start_estimates) when first made and whenever it "
+        "moves by more than this (seconds), so that its error can be measured",
+    )
+    estimate_max_jobs: int = Field(
+        1000, ge=0, description="estimate the start of the first this many waiting jobs (queue order)"
+    )
+
     # -- API -----------------------------------------------------------------------------------------
     admin_token: SecretStr | None = Field(
         None, description="if set, an admin user `admin` with this token exists at start (bootstrap)"

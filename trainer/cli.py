@@ -71,10 +71,23 @@ def train_command(args: argparse.Namespace) -> int:
         print(spec.model_dump_json(indent=2))
         return 0
     _setup_logging()
-    from trainer.loop import train
+    import signal
+    import threading
+
+    from trainer.loop import INTERRUPTED, CheckpointRequested, TrainingRun
 
     out = spec.output_dir()
-    summary = train(spec, out_dir=out, resume=args.resume)
+    run = TrainingRun(spec, out_dir=out)
+    if threading.current_thread() is threading.main_thread():
+        # SIGTERM (a batch system's stop, `kill`): save where the epoch stands, exit 4; continue with --resume
+        signal.signal(signal.SIGTERM, lambda signum, frame: run.request_checkpoint("SIGTERM"))
+    try:
+        summary = run.fit(resume=args.resume)
+    except CheckpointRequested as stop:
+        print(
+            f"{stop}; saved {run.checkpoint_dir / INTERRUPTED}; continue with --resume", file=sys.stderr
+        )
+        return 4
     if args.json:
         print(summary.model_dump_json(indent=2))
         return 0

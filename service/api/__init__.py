@@ -11,6 +11,7 @@ from service.api.routes import (
     experiments,
     health,
     protocols,
+    queue,
     results,
     users,
     webhooks,
@@ -23,6 +24,7 @@ api_router.include_router(evaluations.router)
 api_router.include_router(checkpoints.router)
 api_router.include_router(protocols.router)
 api_router.include_router(results.router)
+api_router.include_router(queue.router)
 api_router.include_router(users.router)
 api_router.include_router(accounting.router)
 api_router.include_router(webhooks.router)

@@ -4,6 +4,7 @@ handlers stay thin and tests can override any of them with `app.dependency_overr
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from datetime import datetime
 from typing import Annotated, Protocol
 
 from fastapi import Depends, HTTPException, Path, Request, status
@@ -52,7 +53,9 @@ class SchedulerLike(Protocol):
 
     def wake(self) -> None: ...
 
-    def queue_view(self, ids: Iterable[str] = ()) -> dict[str, tuple[int, str]]: ...
+    def queue_view(self, ids: Iterable[str] = ()) -> dict[str, tuple[int, str, datetime | None]]: ...
+
+    def expected_ends(self) -> dict[str, datetime]: ...
 
 
 def get_scheduler(request: Request) -> SchedulerLike | None:

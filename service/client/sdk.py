@@ -52,6 +52,7 @@ from api_schemas.jobs import (
     ExperimentOut,
     ExperimentPage,
     JobState,
+    QueueOut,
     Readiness,
     ResultRow,
     TokenOut,
@@ -297,6 +298,19 @@ class Client:
             user=user, team=team, state=states, method=method, dataset=dataset, limit=limit, cursor=cursor
         )
         return ExperimentPage.model_validate(self._get("/v1/experiments", params=params))
+
+    def queue(
+        self,
+        *,
+        team: str | None = None,
+        user: str | None = None,
+        kind: str | None = None,
+        limit: int | None = None,
+    ) -> QueueOut:
+        """The queue (GET /v1/queue): running jobs with their expected end, then the waiting ones in
+        order with position, reason, estimated start, priority and fair-share standing."""
+        params = self._params(team=team, user=user, kind=kind, limit=limit)
+        return QueueOut.model_validate(self._get("/v1/queue", params=params))
 
     def iter_experiments(self, *, page_size: int | None = None, **filters: Any) -> Iterator[ExperimentOut]:
         """Every experiment matching `filters` (those of `list`), following the cursors."""

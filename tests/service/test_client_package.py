@@ -32,6 +32,7 @@ COMMANDS = {
     "serve": ["serve"],
     "login": ["login", "logout"],
     "experiments": ["submit", "ls", "show", "logs", "cancel", "retry"],
+    "queue": ["queue"],
     "results": ["results", "artifacts"],
     "evaluate": ["evaluate", "protocols"],
     "accounts": ["users", "token"],

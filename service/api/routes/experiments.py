@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -243,8 +244,8 @@ _SUBMIT_BODY = {
 
 def _queue(
     scheduler: SchedulerLike | None, experiments: Iterable[Experiment]
-) -> dict[str, tuple[int, str]] | None:
-    """Waiting jobs' (position, reason) as the scheduling policy orders them now."""
+) -> dict[str, tuple[int, str, datetime | None]] | None:
+    """Waiting jobs' (position, reason, estimated start) as the scheduling policy orders them now."""
     if scheduler is None:
         return None
     return scheduler.queue_view([e.id for e in experiments if e.state in jobs.WAITING_STATES])

@@ -5,6 +5,7 @@ Local:          train, eval, presets                                   (`local`)
 Control plane:  serve                                                  (`serve`)
                 login, logout                                          (`login`)
                 submit, ls, show, logs, cancel, retry                  (`experiments`)
+                queue                                                  (`queue`)
                 results, artifacts                                     (`results`)
                 evaluate, protocols                                    (`evaluate`)
                 users, token                                           (`accounts`)
@@ -24,10 +25,10 @@ import sys
 from collections.abc import Sequence
 
 from api_schemas import SpecError
-from service.client.cli import accounts, evaluate, experiments, local, login, results, serve, usage
+from service.client.cli import accounts, evaluate, experiments, local, login, queue, results, serve, usage
 
 # in the order of `lbgat --help`
-COMMAND_GROUPS = (local, serve, login, experiments, results, evaluate, accounts, usage)
+COMMAND_GROUPS = (local, serve, login, experiments, queue, results, evaluate, accounts, usage)
 
 
 def build_parser() -> argparse.ArgumentParser:

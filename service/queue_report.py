@@ -1,0 +1,112 @@
+"""The queue as a table (GET /v1/queue, `lbgat queue`): running jobs with their expected end, then the
+waiting ones in queue order with their position, reason and estimated start, each with its priority
+(and the priority the scheduler uses), owner, team and fair-share standing."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from api_schemas.jobs import FairShareStanding, JobState, QueueEntry, QueueOut
+from service import jobs
+from service.db.models import Experiment, Team, User, utcnow
+from service.settings import ServiceSettings
+
+
+def _effective_priorities(session: Session, settings: ServiceSettings, team_ids: set[int]) -> dict[int, int]:
+    """Priority penalty per team whose budget is spent with the `lower_priority` action."""
+    try:
+        from service import accounting
+    except ImportError:  # pragma: no cover - accounting is part of the service
+        return {}
+    if not team_ids or not hasattr(accounting, "budget_states"):
+        return {}
+    penalty = int(getattr(settings, "budget_priority_penalty", 0) or 0)
+    states = accounting.budget_states(session, team_ids=team_ids)
+    return {
+        team_id: penalty
+        for team_id, state in states.items()
+        if state.exceeded and state.action == "lower_priority"
+    }
+
+
+def read_queue(
+    session: Session,
+    *,
+    viewer: User,
+    settings: ServiceSettings,
+    view: dict[str, tuple[Any, ...]] | None,
+    ends: dict[str, datetime] | None,
+    team: str | None = None,
+    user: str | None = None,
+    kind: str | None = None,
+    limit: int = 1000,
+) -> QueueOut:
+    """The queue the viewer may see (their team's jobs; an admin's: everyone's)."""
+    states = [JobState.running, JobState.dispatching, JobState.queued, JobState.retrying]
+    query = select(Experiment).where(Experiment.state.in_([s.value for s in states]))
+    if not viewer.is_admin:
+        query = query.where(Experiment.team_id == viewer.team_id)
+    if team:
+        query = query.join(Team, Experiment.team_id == Team.id).where(Team.name == team)
+    if user:
+        query = query.join(User, Experiment.owner_id == User.id).where(User.name == user)
+    if kind:
+        query = query.where(Experiment.kind == kind)
+    rows = list(session.scalars(query.order_by(Experiment.created_at, Experiment.id)))
+    view = view or {}
+    ends = ends or {}
+    active = [e for e in rows if e.state not in jobs.WAITING_STATES]
+    waiting = [e for e in rows if e.state in jobs.WAITING_STATES]
+    far = 1 << 62
+    waiting.sort(key=lambda e: (view[e.id][0] if e.id in view else far, e.created_at, e.id))
+    listed = waiting[:limit]
+
+    user_hours, team_hours = jobs.usage_gpu_hours(session, settings=settings)
+    total_user = sum(user_hours.values())
+    total_team = sum(team_hours.values())
+    penalties = _effective_priorities(session, settings, {e.team_id for e in rows})
+
+    def entry(exp: Experiment) -> QueueEntry:
+        position = reason = estimate = None
+        if exp.state in jobs.WAITING_STATES and exp.id in view:
+            position, reason, *rest = view[exp.id]
+            estimate = rest[0] if rest else None
+        uh, th = user_hours.get(exp.owner_id, 0.0), team_hours.get(exp.team_id, 0.0)
+        stopping = exp.preempt_requested_at is not None and exp.state not in jobs.WAITING_STATES
+        return QueueEntry(
+            position=position,
+            id=exp.id,
+            name=exp.name,
+            kind=exp.kind,
+            state=JobState(exp.state),
+            priority=exp.priority,
+            effective_priority=exp.priority - penalties.get(exp.team_id, 0),
+            owner=exp.owner.name,
+            team=exp.team.name,
+            fair_share=FairShareStanding(
+                user_gpu_hours=round(uh, 6),
+                user_share=round(uh / total_user, 6) if total_user > 0 else 0.0,
+                team_gpu_hours=round(th, 6),
+                team_share=round(th / total_team, 6) if total_team > 0 else 0.0,
+            ),
+            gpus=exp.gpus,
+            cpus=exp.cpus,
+            reason=reason,
+            estimated_start=estimate,
+            started_at=exp.started_at,
+            expected_end=ends.get(exp.id) if exp.state not in jobs.WAITING_STATES else None,
+            preempted_by=exp.preempted_by if stopping else None,
+            preemptions=exp.preemptions or 0,
+        )
+
+    return QueueOut(
+        generated_at=utcnow(),
+        fair_share_window_h=settings.fair_share_window_h,
+        running=[entry(e) for e in active],
+        waiting=[entry(e) for e in listed],
+        more_waiting=len(waiting) - len(listed),
+    )
