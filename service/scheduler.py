@@ -183,38 +183,55 @@ def plan(
     free_gpus = (capacity.gpus - used_gpus) if capacity else 0.0
     free_cpus = (capacity.cpus - used_cpus) if capacity else 0.0
 
-    # Lazy-update heap over each user's best job: usage only grows, so an entry whose key was computed
-    # before its user's or team's usage changed can only be too optimistic; it is re-keyed when popped.
-    version: dict[tuple[str, int], int] = {}
+    # Two-level heap: in each team, its users' best jobs by (priority, user usage, FIFO); across teams,
+    # each team's best by (priority, team usage, user usage, FIFO), which is the order of the key
+    # (priority, team usage, user usage, FIFO) over all users. Charging a job's quantum re-keys only
+    # its user's entry and its team's, so a job costs O(log n) whatever the queue holds (a flat heap
+    # over users went stale for every other user of the team at each charge: ~10 pops per job with
+    # 10 users a team). `current` holds each team's live entry in `heap`; others are stale.
+    team_heaps: dict[int, list[tuple]] = {}
+    current: dict[int, tuple] = {}
+    heap: list[tuple] = []
 
-    def key(job: Candidate) -> tuple:
-        return (
-            -job.priority,
-            eff_team.get(job.team_id, 0.0),
-            eff_user.get(job.owner_id, 0.0),
-            job.created_at,
-            job.id,
-        )
+    def user_entry(owner: int) -> tuple:
+        job = queues[owner][-1]
+        return (-job.priority, eff_user.get(owner, 0.0), job.created_at, job.id, owner)
 
-    def stamp(job: Candidate) -> tuple[int, int]:
-        return version.get(("t", job.team_id), 0), version.get(("u", job.owner_id), 0)
+    def refresh(team: int) -> None:
+        if not team_heaps.get(team):
+            current.pop(team, None)
+            return
+        neg_priority, user_usage_, created_at, job_id, _ = team_heaps[team][0]
+        entry = (neg_priority, eff_team.get(team, 0.0), user_usage_, created_at, job_id, team)
+        if current.get(team) != entry:
+            current[team] = entry
+            heapq.heappush(heap, entry)
 
-    heap = [(key(q[-1]), stamp(q[-1]), owner) for owner, q in queues.items()]
-    heapq.heapify(heap)
+    def requeue(owner: int, team: int) -> None:
+        """The user's next job into its team's heap, and the team re-keyed (usage or best changed)."""
+        if queues[owner]:
+            nxt_team = queues[owner][-1].team_id
+            heapq.heappush(team_heaps.setdefault(nxt_team, []), user_entry(owner))
+            refresh(nxt_team)
+        refresh(team)
+
+    for owner, q in queues.items():
+        team_heaps.setdefault(q[-1].team_id, []).append(user_entry(owner))
+    for team, users_heap in team_heaps.items():
+        heapq.heapify(users_heap)
+        refresh(team)
     result = Plan()
     position = 0
     blocked_by: str | None = None
     taken: set[str] = set()  # victims chosen in this plan (those already stopping are not eligible)
     while heap:
-        _, entry_stamp, owner = heapq.heappop(heap)
-        job = queues[owner][-1]
-        if entry_stamp != stamp(job):
-            heapq.heappush(heap, (key(job), stamp(job), owner))
-            continue
-        queues[owner].pop()
-        if queues[owner]:
-            nxt = queues[owner][-1]
-            heapq.heappush(heap, (key(nxt), stamp(nxt), owner))
+        entry = heapq.heappop(heap)
+        team = entry[-1]
+        if current.get(team) != entry:
+            continue  # stale: the team was re-keyed since
+        del current[team]
+        owner = heapq.heappop(team_heaps[team])[-1]
+        job = queues[owner].pop()
 
         lim = limits.get(owner) or UserLimits(str(owner), max_running, float("inf"))
         gpus = effective_gpus(job, capacity)
@@ -282,6 +299,7 @@ def plan(
             position += 1
             result.waiting[job.id] = (position, reason)
             if not waits_in_line:
+                requeue(owner, team)
                 continue
         else:
             result.dispatch.append(job)
@@ -296,8 +314,7 @@ def plan(
         charge = gpus if gpus > 0 else job.charge_rate
         eff_user[owner] = eff_user.get(owner, 0.0) + quantum_h * charge
         eff_team[job.team_id] = eff_team.get(job.team_id, 0.0) + quantum_h * charge
-        version[("u", owner)] = version.get(("u", owner), 0) + 1
-        version[("t", job.team_id)] = version.get(("t", job.team_id), 0) + 1
+        requeue(owner, team)
     return result
 
 
