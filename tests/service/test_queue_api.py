@@ -113,6 +113,8 @@ def test_queue_rows_estimates_and_team_isolation(api: Api, tmp_path, monkeypatch
     for exp_id in (running, high, low):
         assert exp_id in table
     assert other not in table and "waits for" in table and "(in " in table
+    assert main(["show", low, "--server", api.url]) == 0
+    assert "expected start" in capsys.readouterr().out
     with pytest.raises(SystemExit) as refused:
         main(["queue", "--server", api.url, "--limit", "0"])
     assert refused.value.code == 2 and "--limit" in capsys.readouterr().err

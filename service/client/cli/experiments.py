@@ -243,6 +243,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
     info.add_row("page", page)
     if d.queue is not None:
         info.add_row("queue", f"position {d.queue.position}: {d.queue.reason}")
+        if d.queue.estimated_start is not None:
+            info.add_row("expected start", timestamp(d.queue.estimated_start))
     info.add_row("priority", str(d.priority))
     info.add_row("method", d.method)
     info.add_row("dataset", d.dataset)
