@@ -143,7 +143,8 @@ def test_usage_groups_by_team_and_method_and_keeps_teams_apart(api: Api) -> None
     run_attempt(api, submit(alice), hours=1.0, end=JobState.succeeded)
     run_attempt(api, submit(bob), hours=0.5, end=JobState.succeeded, gpus=1.0)
     run_attempt(api, submit(bob), hours=0.25, end=None, gpus=4.0)  # still running: counted up to now
-    run_attempt(api, submit(carol), hours=3.0, end=JobState.succeeded)
+    carols = submit(carol)
+    run_attempt(api, carols, hours=3.0, end=JobState.succeeded)
 
     by_user = {r["key"]: r for r in usage(bob)["rows"]}
     assert set(by_user) == {alice.name, bob.name}  # never carol's
@@ -166,6 +167,10 @@ def test_usage_groups_by_team_and_method_and_keeps_teams_apart(api: Api) -> None
     assert usage(carol, since=start.isoformat(), until=(start + timedelta(days=1)).isoformat())["rows"] == []
     half = usage(carol, since=(utcnow() - timedelta(hours=1.5)).isoformat())
     assert half["rows"][0]["gpu_hours"] == pytest.approx(3.0, abs=TOL)  # the last 1.5 h of 3 h x 2 GPUs
+
+    # deleting the experiment keeps its hours: a team cannot shrink its usage by deleting jobs
+    assert carol.http.delete(f"/v1/experiments/{carols}").status_code == 204
+    assert usage(carol)["rows"][0]["gpu_hours"] == pytest.approx(6.0, abs=TOL)
 
 
 @pytest.mark.parametrize(

@@ -78,7 +78,7 @@ def upgrade() -> None:
     op.create_table(
         "usage_records",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
-        sa.Column("experiment_id", sa.String(length=64), nullable=False),
+        sa.Column("experiment_id", sa.String(length=64), nullable=True),
         sa.Column("attempt", sa.Integer(), nullable=False),
         sa.Column("user_id", sa.Integer(), nullable=False),
         sa.Column("team_id", sa.Integer(), nullable=False),
@@ -96,7 +96,7 @@ def upgrade() -> None:
             ["experiment_id"],
             ["experiments.id"],
             name=op.f("fk_usage_records_experiment_id_experiments"),
-            ondelete="CASCADE",
+            ondelete="SET NULL",
         ),
         sa.ForeignKeyConstraint(["team_id"], ["teams.id"], name=op.f("fk_usage_records_team_id_teams")),
         sa.ForeignKeyConstraint(["user_id"], ["users.id"], name=op.f("fk_usage_records_user_id_users")),
