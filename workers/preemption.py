@@ -87,6 +87,9 @@ class StopSignal:
     def install(self) -> StopSignal:
         """Replace the SIGTERM handler (after ray.init, which installs one that exits at once)."""
         clear_stop(self.experiment_id)  # a request left by an earlier, preempted run
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("not the main thread: SIGTERM is not handled (no just-in-time checkpoint)")
+            return self
         self._thread.start()
         signal.signal(signal.SIGTERM, self._handle)
         return self

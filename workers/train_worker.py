@@ -83,7 +83,7 @@ class StepSignals:
         due = False
         if self.rank == 0 and time.monotonic() - self._last_poll >= POLL_S:
             due, self._last_poll = True, time.monotonic()
-            if not stop:
+            if not stop and ray.is_initialized():  # Ray Train's local mode has no cluster to ask
                 request = stop_requested(self.experiment_id)
                 if request is not None:
                     stop, reason = True, str(request.get("reason") or "stop requested")
