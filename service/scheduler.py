@@ -806,8 +806,12 @@ class Scheduler:
             log.warning("%s: could not stop Ray job %s for preemption: %s", exp_id, submission_id, exc)
 
     def _record_estimates(self, session: Session, result: Plan) -> None:
-        """Store each waiting job's estimated start (Experiment.estimated_start_at) and a StartEstimate
-        row when it is first made or moves by more than `estimate_record_threshold_s`."""
+        """Store each waiting job's estimated start (Experiment.estimated_start_at) whenever it moves by
+        more than `estimate_record_threshold_s`, and a StartEstimate row when it is first made or
+        moves from the job's last row by more than that threshold times 2^(k-1), k the job's rows so
+        far: behind a job that overruns its estimate, estimates slide with the clock, and a fixed
+        threshold would add a row per waiting job every threshold; doubling keeps a job's rows
+        logarithmic in its wait."""
         estimates = {i: e for i, e in result.estimates.items() if e is not None}
         if not estimates:
             return
@@ -821,18 +825,40 @@ class Scheduler:
                     select(Experiment.id, Experiment.estimated_start_at).where(Experiment.id.in_(part))
                 ).all()
             )
+            # per job: how many rows it has and the estimate its newest row holds
+            last = {
+                exp_id: (count, row_id)
+                for exp_id, count, row_id in session.execute(
+                    select(StartEstimate.experiment_id, func.count(), func.max(StartEstimate.id))
+                    .where(StartEstimate.experiment_id.in_(part))
+                    .group_by(StartEstimate.experiment_id)
+                ).all()
+            }
+            if last:
+                newest = dict(
+                    session.execute(
+                        select(StartEstimate.id, StartEstimate.estimated_start).where(
+                            StartEstimate.id.in_([row_id for _, row_id in last.values()])
+                        )
+                    ).all()
+                )
+                last = {k: (count, newest.get(row_id)) for k, (count, row_id) in last.items()}
             for exp_id in part:
                 if exp_id not in stored:
                     continue
                 new, old = estimates[exp_id], stored[exp_id]
-                if old is not None and abs((new - old).total_seconds()) <= threshold:
+                if old is None or abs((new - old).total_seconds()) > threshold:
+                    session.execute(
+                        update(Experiment)
+                        .where(Experiment.id == exp_id)
+                        .values(estimated_start_at=new)
+                        .execution_options(synchronize_session=False)
+                    )
+                rows, recorded = last.get(exp_id, (0, None))
+                if recorded is not None and abs((new - recorded).total_seconds()) <= threshold * 2 ** min(
+                    max(rows - 1, 0), 30
+                ):
                     continue
-                session.execute(
-                    update(Experiment)
-                    .where(Experiment.id == exp_id)
-                    .values(estimated_start_at=new)
-                    .execution_options(synchronize_session=False)
-                )
                 session.add(
                     StartEstimate(
                         experiment_id=exp_id,

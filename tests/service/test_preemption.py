@@ -22,7 +22,7 @@ from service.db.migrate import upgrade
 from service.db.models import Event, Experiment, StartEstimate, utcnow
 from service.jobs import create_experiment
 from service.ray_jobs import Capacity, RayJobs
-from service.scheduler import Scheduler
+from service.scheduler import Plan, Scheduler
 from service.settings import ServiceSettings
 from tests.service.fake_ray import FakeRay
 from workers.settings import StoreSettings
@@ -265,6 +265,32 @@ def test_estimated_starts_for_a_scripted_queue(queue, database_url):
     assert exp[first].state == "running"
     error = (exp[first].started_at - firsts[-1].estimated_start).total_seconds()
     assert error < 0  # it ended early: the job started before its estimate
+
+
+def test_estimates_sliding_behind_an_overrunning_job_add_few_rows(queue, database_url):
+    """Behind a job that overruns its estimate, a waiting job's estimate moves with the clock every
+    round. The shown estimate follows (moves past the threshold), but StartEstimate rows are added
+    only when it moves threshold x 2^(k-1) from the job's last row: about log2(wait / threshold)."""
+    sessions, owner, store, store_settings = queue
+    settings = settings_for(database_url, estimate_record_threshold_s=60)
+    scheduler = Scheduler(
+        sessions=sessions,
+        settings=settings,
+        store=store,
+        ray=FakeRay(Capacity(gpus=0, cpus=8, nodes=1)),
+        store_settings=store_settings,
+    )  # type: ignore[arg-type]
+    job = enqueue(sessions, owner, settings, "waiting")
+    start = utcnow()
+    for minute in range(0, 24 * 60, 2):  # a day of rounds, the estimate 2 minutes later each time
+        estimate = start + timedelta(minutes=minute + 5)
+        plan = Plan(waiting={job: (1, "waiting for a slot")}, estimates={job: estimate})
+        run_tx(sessions, lambda s, plan=plan: scheduler._record_estimates(s, plan))
+    with sessions() as s:
+        made = s.scalars(select(StartEstimate).where(StartEstimate.experiment_id == job)).all()
+        shown = s.get(Experiment, job).estimated_start_at
+    assert 8 <= len(made) <= 12  # 720 rounds; 1 + log2(1440 min / 1 min) rows
+    assert abs((shown - (start + timedelta(minutes=24 * 60 - 2 + 5))).total_seconds()) <= 60
 
 
 SIGTERM_ENTRYPOINT = r"""
