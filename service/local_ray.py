@@ -18,7 +18,6 @@ raylet killed outright, or be stopped on its own.
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import json
 import os
@@ -247,22 +246,35 @@ class LocalRayNode:
         log_path: str | Path | None = None,
         object_store_mb: int = 150,
         timeout_s: float = 120,
+        wait: bool = True,
     ) -> None:
         self.head, self.name = head, name
         self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
         self._env = env
         self._cmd_args = (num_cpus, resources or {}, object_store_mb)
-        # `ray start` gives its raylet a fixed 30 s to register with the GCS; on a loaded machine (two
-        # cores shared by a test suite) that can pass, and the CLI exits: start it once more.
+        self._timeout_s = timeout_s
+        self.node_id = ""
+        self._start()
+        if wait:
+            self.wait_joined()
+
+    def wait_joined(self) -> str:
+        """Wait until the head lists the node alive; its node id. `ray start` gives its raylet a fixed
+        30 s to register with the GCS; on a loaded machine (two cores shared by a test suite) that can
+        pass, and the CLI exits: it is started once more. Call it on the thread that started the node:
+        the node's processes are bound to that thread's life (PR_SET_PDEATHSIG)."""
         for attempt in (1, 2):
-            self._start()
             try:
-                self.node_id = self._wait_alive(timeout_s)
-                return
+                self.node_id = self._wait_alive(self._timeout_s)
+                return self.node_id
             except _JoinExited:
                 self.stop(keep_log=attempt == 1)
                 if attempt == 2:
-                    raise RuntimeError(f"`ray start --address` of {name} exited twice; see its log") from None
+                    raise RuntimeError(
+                        f"`ray start --address` of {self.name} exited twice; see its log"
+                    ) from None
+                self._start()
+        raise AssertionError("unreachable")
 
     def _start(self) -> None:
         head, name = self.head, self.name
@@ -390,22 +402,16 @@ class LocalRayCluster:
         )
         self.nodes: dict[str, LocalRayNode] = {}
         try:
-            # the nodes join at once (each `ray start` spends most of its time waiting)
-            with concurrent.futures.ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
-                joins = [
-                    pool.submit(
-                        self.add_node,
-                        f"worker-{i}",
-                        num_cpus=cpus_per_worker,
-                        gpus=gpus_per_node,
-                        env=env,
-                        log_dir=log_dir,
-                        timeout_s=timeout_s,
-                    )
-                    for i in range(1, workers + 1)
-                ]
-                for join in joins:
-                    join.result()
+            # every node starts now and they join together (each `ray start` mostly waits); started
+            # from this thread, which outlives them (their processes die with the thread that
+            # started them, see _die_with_parent)
+            for i in range(1, workers + 1):
+                self.add_node(
+                    f"worker-{i}", num_cpus=cpus_per_worker, gpus=gpus_per_node, env=env, log_dir=log_dir,
+                    timeout_s=timeout_s, wait=False,
+                )  # fmt: skip
+            for node in self.nodes.values():
+                node.wait_joined()
         except BaseException:
             self.stop()
             raise
@@ -419,6 +425,7 @@ class LocalRayCluster:
         env: dict[str, str] | None = None,
         log_dir: Path | None = None,
         timeout_s: float = 120,
+        wait: bool = True,
     ) -> LocalRayNode:
         node = LocalRayNode(
             self.head,
@@ -428,6 +435,7 @@ class LocalRayCluster:
             env=env,
             log_path=log_dir / f"{name}.log" if log_dir else None,
             timeout_s=timeout_s,
+            wait=wait,
         )
         self.nodes[name] = node
         return node
