@@ -642,8 +642,8 @@ class Scheduler:
         ahead = []
         for exp_id in order:
             job, row = by_id.get(exp_id), details.get(exp_id)
-            if job is None or row is None:
-                continue
+            if job is None or row is None or job.held is not None:
+                continue  # a job held for its team's budget has no start to estimate, and delays no one
             duration = expected_duration_s(
                 kind=row.kind, spec=row.spec, latest=row.latest_metrics, default_s=default_s
             )
