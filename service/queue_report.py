@@ -56,19 +56,35 @@ def read_queue(
         query = query.join(User, Experiment.owner_id == User.id).where(User.name == user)
     if kind:
         query = query.where(Experiment.kind == kind)
-    rows = list(session.scalars(query.order_by(Experiment.created_at, Experiment.id)))
+    # Every row's sort key first, whole rows (spec and all) only for those listed: with 100,000 queued
+    # jobs, loading them all took 2 GB and two minutes.
+    keys = session.execute(
+        query.with_only_columns(Experiment.id, Experiment.state, Experiment.created_at, Experiment.team_id)
+    ).all()
     view = view or {}
     ends = ends or {}
-    active = [e for e in rows if e.state not in jobs.WAITING_STATES]
-    waiting = [e for e in rows if e.state in jobs.WAITING_STATES]
     far = 1 << 62
-    waiting.sort(key=lambda e: (view[e.id][0] if e.id in view else far, e.created_at, e.id))
-    listed = waiting[:limit]
+    waiting_keys = sorted(
+        (k for k in keys if k.state in jobs.WAITING_STATES),
+        key=lambda k: (view[k.id][0] if k.id in view else far, k.created_at, k.id),
+    )
+    shown = [k.id for k in keys if k.state not in jobs.WAITING_STATES] + [k.id for k in waiting_keys[:limit]]
+    loaded = (
+        {e.id: e for e in session.scalars(select(Experiment).where(Experiment.id.in_(shown)))}
+        if shown
+        else {}
+    )
+    active = [
+        loaded[k.id]
+        for k in sorted(keys, key=lambda k: (k.created_at, k.id))
+        if k.id in loaded and k.state not in jobs.WAITING_STATES
+    ]
+    listed = [loaded[k.id] for k in waiting_keys[:limit] if k.id in loaded]
 
     user_hours, team_hours = jobs.usage_gpu_hours(session, settings=settings)
     total_user = sum(user_hours.values())
     total_team = sum(team_hours.values())
-    penalties = _effective_priorities(session, settings, {e.team_id for e in rows})
+    penalties = _effective_priorities(session, settings, {k.team_id for k in keys})
 
     def entry(exp: Experiment) -> QueueEntry:
         position = reason = estimate = None
@@ -108,5 +124,5 @@ def read_queue(
         fair_share_window_h=settings.fair_share_window_h,
         running=[entry(e) for e in active],
         waiting=[entry(e) for e in listed],
-        more_waiting=len(waiting) - len(listed),
+        more_waiting=len(waiting_keys) - len(listed),
     )
