@@ -1,9 +1,12 @@
 """Load benchmark of the control plane on loopback: submission latency and throughput with 100
-concurrent clients, resident memory with 10,000 queued jobs, and submit-to-running time next to
-Ray's own Job Submission API. It starts (and stops) everything it measures; see benchmarks/README.md.
+concurrent clients, resident memory with 10,000 queued jobs, submit-to-running time next to Ray's
+own Job Submission API, and a scheduler round's duration with 1,000 to 100,000 queued jobs on SQLite
+and PostgreSQL with the service's memory at the largest (benchmarks/scheduler_rounds.py). It starts
+(and stops) everything it measures; see benchmarks/README.md.
 
     python benchmarks/service_load.py            # the figures the issue's targets refer to
     python benchmarks/service_load.py --quick    # fewer requests and jobs: a minute or two
+    python benchmarks/service_load.py --skip-load --skip-memory --skip-dispatch   # the rounds alone
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import scheduler_rounds  # noqa: E402  (benchmarks/, beside this script)
 
 from api_schemas.presets import PRESETS  # noqa: E402
 from service.local_service import LocalService  # noqa: E402
@@ -378,6 +383,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip-load", action="store_true")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-dispatch", action="store_true")
+    p.add_argument("--skip-rounds", action="store_true")
+    p.add_argument(
+        "--rounds-sizes",
+        help="queued jobs of the scheduler-round part (default 1000,10000,100000; quick 1000,10000)",
+    )
+    p.add_argument(
+        "--rounds-backends", default="sqlite,postgres", help="databases of the scheduler-round part"
+    )
+    p.add_argument("--rounds-repeat", type=int, default=3, help="rounds timed per size (median and max)")
     p.add_argument("--json", action="store_true", help="also print every figure as one JSON object")
     p.add_argument("-v", "--verbose", action="store_true", help="progress and the service's log on stderr")
     args = p.parse_args(argv)
@@ -386,6 +400,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.duration = args.duration or (5.0 if args.quick else 20.0)
     args.queued = args.queued or (2000 if args.quick else 10_000)
     args.runs = args.runs or (3 if args.quick else 5)
+    args.rounds_sizes = [
+        int(n)
+        for n in (args.rounds_sizes or ("1000,10000" if args.quick else "1000,10000,100000")).split(",")
+    ]
+    args.rounds_backends = [b.strip() for b in args.rounds_backends.split(",") if b.strip()]
     return args
 
 
@@ -434,6 +453,14 @@ def main(argv: list[str] | None = None) -> int:
                     }
         if not args.skip_dispatch:
             report["dispatch"] = dispatch_part(args, Path(tmp))
+        if not args.skip_rounds:
+            report["scheduler_rounds"] = scheduler_rounds.run(
+                args.rounds_sizes,
+                args.rounds_backends,
+                Path(tmp),
+                rounds=args.rounds_repeat,
+                verbose=args.verbose,
+            )
     print_report(report, args)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
@@ -592,6 +619,8 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
         )
         table.add_row("ratio ours / direct", f"{d['ratio']:.2f}", "target <= 1.2")
         console.print(table)
+    if "scheduler_rounds" in report:
+        scheduler_rounds.print_rounds(report["scheduler_rounds"], console)
     if args.quick:
         console.print(
             "(--quick: fewer requests and jobs; run without it for the figures the targets refer to)"
