@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -276,3 +277,78 @@ def test_a_high_priority_job_preempts_and_the_victim_resumes_exactly(
     want = [json.loads(line) for line in (tmp_path / "reference" / "metrics.jsonl").read_text().splitlines()]
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows]  # noqa: E731
     assert strip(got) == strip(want)
+
+
+def train_worker_nodes(cluster) -> dict[str, str]:
+    """Ray Train workers alive on the cluster: actor id -> node id (the state API's actors)."""
+    from service.ray_jobs import RayJobs
+
+    jobs = RayJobs(cluster.head.dashboard_url, token=cluster.head.token)
+    response = jobs._get()._do_request("GET", "/api/v0/actors?limit=10000&detail=true")
+    actors = response.json()["data"]["result"]["result"]
+    return {
+        a["actor_id"]: a["node_id"]
+        for a in actors
+        if "RayTrainWorker" in (a.get("class_name") or "") and a.get("state") == "ALIVE"
+    }
+
+
+def test_a_killed_node_resumes_from_the_last_checkpoint_on_the_other(
+    ray_multinode, preempting_service, tmp_path
+):
+    """The raylet of the node that runs a training is killed outright (no drain, no just-in-time
+    checkpoint): Ray Train restarts the worker on the other node from the last epoch checkpoint and the
+    run finishes, each epoch once in metrics.jsonl. The node is replaced afterwards."""
+    service, env = preempting_service
+    admin = env["LBGAT_ADMIN_TOKEN"]
+    store = tmp_path / "artifacts"
+    spec = get_spec_for("crash")
+    try:
+        with httpx.Client(base_url=service.url, timeout=30) as client:
+            exp = submit(client, admin, spec, priority=0)["id"]
+            prefix = store / "experiments" / exp / "main"
+            wait_for(
+                lambda: any((prefix / "ray").glob("checkpoint_*/*")),
+                timeout_s=240,
+                what="the first epoch's checkpoint in the store",
+            )
+            time.sleep(1)  # its files written
+            before = wait_for(
+                lambda: train_worker_nodes(ray_multinode), timeout_s=30, what="the train worker"
+            )
+            (node_id,) = set(before.values())
+            victim = ray_multinode.node_of(node_id)
+            assert victim is not None, (node_id, before)
+            victim.kill_raylet()
+            wait_for(lambda: victim.state() == "DEAD", timeout_s=30, what="the node declared dead")
+            after = wait_for(
+                lambda: {n for a, n in train_worker_nodes(ray_multinode).items() if a not in before},
+                timeout_s=120,
+                what="the train worker restarted",
+            )
+            assert node_id not in after and after <= {n.node_id for n in ray_multinode.nodes.values()}
+            wait_for(
+                lambda: get(client, admin, exp)["state"] in ("succeeded", "failed", "cancelled"),
+                timeout_s=300,
+                what="the run to finish",
+            )
+            body = get(client, admin, exp)
+            assert body["state"] == "succeeded", body
+        events = [json.loads(line) for line in (prefix / "events.jsonl").read_text().splitlines()]
+        resumed = [e for e in events if e["event"] == "resumed"]
+        assert resumed and resumed[0]["epoch"] >= 1, events
+        lines = [json.loads(line) for line in (prefix / "metrics.jsonl").read_text().splitlines()]
+        assert [line["epoch"] for line in lines] == [1, 2, 3]
+    finally:
+        # the session's cluster keeps two worker nodes
+        for name, node in list(ray_multinode.nodes.items()):
+            if node.state() != "ALIVE":
+                node.stop()
+                del ray_multinode.nodes[name]
+                ray_multinode.add_node(f"{name}-again", num_cpus=1, gpus=1)
+
+
+def get_spec_for(name: str) -> dict:
+    from api_schemas.presets import get_preset
+
+    return get_preset("digits", [*TRAIN, f"name={name}"]).model_dump(mode="json")
