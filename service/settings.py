@@ -232,6 +232,19 @@ class ServiceSettings(BaseSettings):
         description="if set, the only receiver hosts allowed (a name also allows its subdomains)",
     )
 
+    @field_validator("worker_entrypoint")
+    @classmethod
+    def _entrypoint_placeholders(cls, value: str) -> str:
+        """Refused at start, not when the first job is claimed (the job would stay `dispatching`)."""
+        try:
+            value.format(python="python", job_id="job")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(
+                f"the command may use only the placeholders {{python}} and {{job_id}} "
+                f"(double a literal brace: {{{{ }}}}); {type(exc).__name__}: {exc}"
+            ) from None
+        return value
+
     @field_validator("ray_address", "ray_dashboard_url", mode="before")
     @classmethod
     def _empty_is_none(cls, value: object) -> object:

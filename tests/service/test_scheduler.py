@@ -199,3 +199,13 @@ def test_two_replicas_never_dispatch_a_job_twice(queue, database_url, ray_cluste
     submitted = [j.submission_id for j in JobSubmissionClient(ray_cluster).list_jobs()]
     for exp_id in ids:
         assert submitted.count(f"{exp_id}-a1") == 1 and f"{exp_id}-a2" not in submitted
+
+
+@pytest.mark.parametrize("entrypoint", ["{python} -m workers.run --job {job}", "{python} {0}", "{python"])
+def test_a_worker_entrypoint_with_unknown_placeholders_is_refused_at_start(entrypoint: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as info:
+        ServiceSettings(_env_file=None, worker_entrypoint=entrypoint)  # type: ignore[call-arg]
+    (error,) = info.value.errors()
+    assert error["loc"] == ("worker_entrypoint",) and "{python} and {job_id}" in error["msg"]
