@@ -4,6 +4,7 @@ Run from the repository root (not a test; nothing here is collected by pytest)::
 
     python benchmarks/eval_scaling.py                      # CPU: tiny_cnn, 256 images, 8 shards of 32
     python benchmarks/eval_scaling.py --images 512 --json
+    python benchmarks/eval_scaling.py --images 128 --repeats 3   # medians of 3 rotated rounds
     python benchmarks/eval_scaling.py --workers 1 2 4 --threads 1
 
 What is timed, on the same model, images, attacks, seed and shards:
@@ -27,7 +28,9 @@ version runs with 5 restarts; FAB-T and Square take minutes per image there) and
 CPUs; the plain run uses the same number of threads. On a GPU, the workers share the GPUs there are
 (``gpus_per_worker`` = GPUs / workers, at most 1).
 
-Reported: images/s of each (evaluated images / wall time), the speed-up of N workers over one
+With ``--repeats R`` every run is made R times, in a rotated order each round (so that a busy spell of
+a shared machine hits every mode alike), and the medians are reported; each line also shows the
+1-minute load average. Reported: images/s of each (evaluated images / wall time), the speed-up of N workers over one
 worker, and Ray's overhead for one worker: (ray-1 wall / plain wall - 1). On a CPU the script then
 measures what the machine gives two processes at that moment (two single-threaded torch processes
 at once vs one alone, `machine_ceiling`; 2.00x on two idle cores): on a shared box other work takes
@@ -46,6 +49,7 @@ import hashlib
 import json
 import logging
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -207,6 +211,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-ceiling", action="store_true", help="skip measuring the machine's two-process ceiling (CPU)"
     )
     p.add_argument("--json", action="store_true", help="also print the figures as one JSON object")
+    p.add_argument(
+        "--repeats", type=int, default=1, help="rounds of every run, in rotated order; medians are reported"
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log the jobs' progress lines")
     return p.parse_args(argv)
 
@@ -266,9 +273,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"shards of {args.shard_size}: {[a.label() for a in suite.resolved_attacks()]} on {describe_device(device)}",
             flush=True,
         )
-        plain_s, plain_records = run_plain(checkpoint, job(1), device)
-        print(f"   plain: {plain_s:.1f} s", flush=True)
-
         ray.init(
             address="local",  # a new instance, never one that happens to run on the machine
             num_cpus=max(os.cpu_count() or 1, max(args.workers) * args.threads),
@@ -276,32 +280,54 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             log_to_driver=args.verbose,
             _temp_dir=str(scratch / "r"),
         )
-        runs: dict[int, dict[str, Any]] = {}
+        modes: list[int] = [0, *args.workers]  # 0: plain
+        walls: dict[int, list[float]] = {m: [] for m in modes}
+        computes: dict[int, list[float]] = {m: [] for m in modes}
+        reference: tuple[np.ndarray, np.ndarray] | None = None
         identical = True
         try:
-            for workers in args.workers:
-                job_id = f"scale-w{workers}"
-                spec_w = job(workers)
-                store.put_json(experiment_prefix(job_id) + "spec.json", spec_w.model_dump(mode="json"))
-                start = time.perf_counter()
-                summary = run_evaluation(
-                    spec_w, evaluation_id=job_id, store=store, settings=settings, attempt=1
-                )
-                wall = time.perf_counter() - start
-                clean, robust, compute = stored_records(store, job_id, summary.n_shards)
-                identical &= np.array_equal(clean, plain_records.clean) and np.array_equal(
-                    robust, plain_records.robust
-                )
-                runs[workers] = {
-                    "wall_s": wall,
-                    "compute_s": compute,
-                    "robust_accuracy": summary.robust_accuracy,
-                }
-                print(
-                    f"   ray, {workers} worker(s): {wall:.1f} s (shards' compute {compute:.1f} s)", flush=True
-                )
+            for repeat in range(args.repeats):
+                # a rotated order each round, so that a busy spell of the machine hits every mode alike
+                for mode in modes[repeat % len(modes) :] + modes[: repeat % len(modes)]:
+                    if mode == 0:
+                        wall, records = run_plain(checkpoint, job(1), device)
+                        clean, robust, compute = records.clean, records.robust, wall
+                    else:
+                        job_id = f"scale-w{mode}-r{repeat}"
+                        spec_w = job(mode)
+                        store.put_json(
+                            experiment_prefix(job_id) + "spec.json", spec_w.model_dump(mode="json")
+                        )
+                        start = time.perf_counter()
+                        summary = run_evaluation(
+                            spec_w, evaluation_id=job_id, store=store, settings=settings, attempt=1
+                        )
+                        wall = time.perf_counter() - start
+                        clean, robust, compute = stored_records(store, job_id, summary.n_shards)
+                    if reference is None:
+                        reference = (clean, robust)
+                    identical &= np.array_equal(clean, reference[0]) and np.array_equal(robust, reference[1])
+                    walls[mode].append(wall)
+                    computes[mode].append(compute)
+                    name = "plain" if mode == 0 else f"ray, {mode} worker(s)"
+                    print(
+                        f"   [{repeat + 1}/{args.repeats}] {name}: {wall:.1f} s (compute {compute:.1f} s, "
+                        f"load {os.getloadavg()[0]:.1f})",
+                        flush=True,
+                    )
         finally:
             ray.shutdown()
+
+    assert reference is not None
+    plain_s = statistics.median(walls[0])
+    runs = {
+        w: {
+            "wall_s": statistics.median(walls[w]),
+            "compute_s": statistics.median(computes[w]),
+            "walls_s": walls[w],
+        }
+        for w in args.workers
+    }
 
     n = args.images
     result: dict[str, Any] = {
@@ -311,10 +337,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "shard_size": args.shard_size,
         "threads_per_worker": args.threads,
         "attacks": [a.label() for a in suite.resolved_attacks()],
-        "plain": {"wall_s": plain_s, "images_per_s": n / plain_s},
+        "repeats": args.repeats,
+        "plain": {"wall_s": plain_s, "images_per_s": n / plain_s, "walls_s": walls[0]},
         "ray": {str(w): {**r, "images_per_s": n / r["wall_s"]} for w, r in runs.items()},
         "identical_records": bool(identical),
-        "clean_accuracy": float(plain_records.clean.mean()),
+        "clean_accuracy": float(reference[0].mean()),
     }
     print()
     print(f"{'run':<14}{'wall s':>9}{'images/s':>10}{'vs 1 worker':>13}{'vs plain':>10}")
