@@ -84,9 +84,7 @@ def train_command(args: argparse.Namespace) -> int:
     try:
         summary = run.fit(resume=args.resume)
     except CheckpointRequested as stop:
-        print(
-            f"{stop}; saved {run.checkpoint_dir / INTERRUPTED}; continue with --resume", file=sys.stderr
-        )
+        print(f"{stop}; saved {run.checkpoint_dir / INTERRUPTED}; continue with --resume", file=sys.stderr)
         return 4
     if args.json:
         print(summary.model_dump_json(indent=2))
