@@ -12,7 +12,7 @@ import time
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from api_schemas import parse_spec
 from api_schemas.presets import get_preset
@@ -25,6 +25,7 @@ from service.ray_jobs import Capacity, RayJobs
 from service.scheduler import Plan, Scheduler
 from service.settings import ServiceSettings
 from tests.service.fake_ray import FakeRay
+from tests.waiting import wait_for
 from workers.settings import StoreSettings
 from workers.storage import LocalStore
 
@@ -196,6 +197,23 @@ def test_a_worker_that_stops_for_a_drained_node_goes_back_uncharged(queue, datab
     assert exp.ray_job_id == f"{job}-a2" or exp.state == "queued"
 
 
+def read_metrics(scheduler: Scheduler, sessions, exp_id: str, rows: int, timeout_s: float = 30) -> None:
+    """Run rounds until the scheduler has read `rows` metrics rows of `exp_id` (on a loaded machine
+    a slow store probe can hold the reading back for a round or two)."""
+
+    def seen() -> bool:
+        scheduler.run_round()
+        with sessions() as s:
+            count = s.scalar(
+                select(func.count())
+                .select_from(Event)
+                .where(Event.experiment_id == exp_id, Event.kind == "metric")
+            )
+        return count >= rows
+
+    wait_for(seen, timeout_s=timeout_s, what=f"{rows} metrics rows of {exp_id} read", interval_s=0.1)
+
+
 def test_estimated_starts_for_a_scripted_queue(queue, database_url):
     """One slot. The running job has 10 epochs of 60 s, 4 done; two jobs wait (unknown durations:
     the default, 1000 s). Expected starts: in 6 x 60 s, then 1000 s later; stated error: 5 s."""
@@ -222,7 +240,7 @@ def test_estimated_starts_for_a_scripted_queue(queue, database_url):
     store.put_bytes(
         f"experiments/{running}/main/metrics.jsonl", "".join(json.dumps(r) + "\n" for r in lines).encode()
     )
-    scheduler.run_round()  # reads the metrics
+    read_metrics(scheduler, sessions, running, 4)
     first = enqueue(sessions, owner, settings, "first")
     second = enqueue(sessions, owner, settings, "second")
     before = utcnow()
@@ -249,7 +267,7 @@ def test_estimated_starts_for_a_scripted_queue(queue, database_url):
     store.put_bytes(
         f"experiments/{running}/main/metrics.jsonl", "".join(json.dumps(r) + "\n" for r in slower).encode()
     )
-    scheduler.run_round()
+    read_metrics(scheduler, sessions, running, 9)
     scheduler.run_round()
     with sessions() as s:
         firsts = s.scalars(
