@@ -199,6 +199,9 @@ def test_events_are_signed_retried_with_backoff_and_delivered_once(make_api: Any
 
 
 def test_a_dead_receiver_is_given_up_on_and_blocks_nothing(make_api: Any) -> None:
+    """State changes only queue the event (no network inside the transaction): a job's request can
+    reach the receiver only after its state change has returned, even while the sender is stuck on a
+    receiver that never answers; the API answers meanwhile. An ordering check, not a stopwatch."""
     api: Api = make_api(**{**FAST, "webhook_max_attempts": 2})
     alice = api.person()
     with receiver() as rx:
@@ -206,15 +209,21 @@ def test_a_dead_receiver_is_given_up_on_and_blocks_nothing(make_api: Any) -> Non
             "/v1/webhooks", json={"url": rx.url + "/slow", "events": ["job.succeeded"]}
         ).json()
         jobs = [submit(alice) for _ in range(3)]
-        for exp_id in jobs:  # state changes only queue the event: no network in the transaction
-            assert move(api, exp_id, JobState.dispatching, JobState.running, JobState.succeeded) < 0.5
-        started = time.monotonic()
-        r = alice.http.get("/v1/experiments")  # the API answers while the sender waits on the receiver
-        assert r.status_code == 200 and time.monotonic() - started < 0.5
+        returned: dict[str, float] = {}
+        for exp_id in jobs:
+            move(api, exp_id, JobState.dispatching, JobState.running, JobState.succeeded)
+            returned[exp_id] = time.monotonic()
+        wait_for(lambda: len(rx.on("/slow")) >= 1)  # the sender is waiting on the receiver now
+        r = alice.http.get("/v1/experiments")
+        assert r.status_code == 200 and {e["id"] for e in r.json()["items"]} >= set(jobs)
         wait_for(lambda: all(d.failed_at is not None for d in deliveries(api, hook["id"])), timeout=30)
+        for request in rx.on("/slow"):
+            job = json.loads(request.body)["job"]["id"]
+            assert request.at > returned[job], "a request was sent inside the state change"
         rows = deliveries(api, hook["id"])
         assert len(rows) == 3 and {d.attempts for d in rows} == {2}
         assert all("Timeout" in (d.last_error or "") for d in rows)
+        assert len(rx.on("/slow")) == 6  # each delivery tried twice, then given up on
 
 
 def test_webhook_routes_validate_scope_and_ownership(api: Api) -> None:

@@ -62,7 +62,7 @@ def test_stopped_job_saves_mid_epoch_and_resumes_exactly(ray_cluster, tmp_path):
     prefix = f"experiments/{job}/main/"
     store.put_json(f"experiments/{job}/spec.json", spec.model_dump(mode="json"))
     client = JobSubmissionClient(ray_cluster)
-    env = {**settings.as_env(), "RAY_JOB_STOP_WAIT_TIME_S": "30", "OMP_NUM_THREADS": "1"}
+    env = {**settings.as_env(), "RAY_JOB_STOP_WAIT_TIME_S": "120", "OMP_NUM_THREADS": "1"}
     entrypoint = f"cd {shlex.quote(str(REPO))} && {shlex.quote(sys.executable)} -m workers.run --job-id {job}"
 
     def submit(attempt: int) -> str:
@@ -85,10 +85,12 @@ def test_stopped_job_saves_mid_epoch_and_resumes_exactly(ray_cluster, tmp_path):
         assert lines(), client.get_job_logs(first)
     stopped_at = time.time()
     assert client.stop_job(first)
-    _wait(lambda: status(first).is_terminal(), 60, "the stopped job to end")
+    # a generous grace: on a loaded machine the checkpoint must not lose the race with SIGKILL
+    _wait(lambda: status(first).is_terminal(), 150, "the stopped job to end")
     logs = client.get_job_logs(first)
     assert status(first) == JobStatus.STOPPED, logs
-    assert "just-in-time checkpoint" in logs, logs
+    assert "just-in-time checkpoint reported" in logs, logs
+    assert store.exists(prefix + PREEMPTED_FILE), logs
     marker = store.get_json(prefix + PREEMPTED_FILE)
     assert marker["saved_at"] == marker["checkpoint_at"] >= stopped_at - 1
     assert marker["epoch"] >= 1 and marker["step"] >= 0 and "SIGTERM" in marker["reason"]
