@@ -222,6 +222,12 @@ class ServiceSettings(BaseSettings):
         5.0, gt=0, le=60, description="connect/read timeout of one request to a receiver"
     )
     webhook_poll_interval_s: float = Field(1.0, gt=0, description="how often the sender looks for due events")
+    webhook_concurrency: int = Field(
+        8, ge=1, le=64, description="requests in flight at once (a dead receiver holds only one)"
+    )
+    webhook_retention_days: float = Field(
+        30.0, gt=0, description="delivered and given-up events older than this are deleted"
+    )
     webhook_allow_private: bool = Field(
         True,
         description="allow receivers on loopback, private and link-local addresses (a lab cluster's own "

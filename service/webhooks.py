@@ -9,7 +9,8 @@ queue), and budget.warning (a team's budget reached LBGAT_BUDGET_WARNING_FRACTIO
 once per period).
 
 Sending: `WebhookSender` is a thread of its own, started and stopped with the app, so a slow or dead
-receiver never holds up the scheduler or a request. Each pass claims the due rows with a conditional
+receiver never holds up the scheduler or a request; it sends up to `webhook_concurrency` requests at
+once, so a dead receiver holds one of them, not everyone else's events. Each pass claims the due rows with a conditional
 UPDATE on their attempt counter (two replicas never both send one attempt; a claim is a lease of
 `webhook_timeout_s` plus a margin, after which another replica may try again), then POSTs the
 payload's JSON with
@@ -21,7 +22,9 @@ payload's JSON with
 
 A 2xx answer delivers it; anything else (another status, a timeout, a refused connection) is tried
 again after `webhook_backoff_s * 2**(attempt-1)` (at most `webhook_backoff_max_s`), and given up
-(`failed_at`) after `webhook_max_attempts` attempts. Redirects are not followed.
+(`failed_at`) after `webhook_max_attempts` attempts. Redirects are not followed. Delivered and
+given-up rows are deleted `webhook_retention_days` after they ended (checked once an hour), so the
+table holds what is pending plus a month of history.
 
 SSRF: URLs are http(s) only. LBGAT_WEBHOOK_ALLOWED_HOSTS (host names; `example.org` also allows its
 subdomains) limits where requests go; LBGAT_WEBHOOK_ALLOW_PRIVATE=false refuses hosts that resolve to
@@ -40,11 +43,12 @@ import secrets
 import socket
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import delete, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from api_schemas.jobs import JobState
@@ -60,6 +64,8 @@ log = logging.getLogger("service.webhooks")
 
 SIGNATURE_HEADER = "X-Lbgat-Signature"
 MAX_ERROR_CHARS = 300
+#: how often the sender deletes old deliveries (seconds)
+PRUNE_EVERY_S = 3600.0
 
 
 # -- signing -----------------------------------------------------------------------------------------
@@ -240,23 +246,26 @@ def backoff_s(attempts: int, settings: ServiceSettings) -> float:
 
 
 class WebhookSender:
-    """The background thread that delivers queued events (see the module docstring)."""
+    """The background thread that delivers queued events (see the module docstring). The thread
+    only claims and hands requests to a pool of `webhook_concurrency` threads; it never waits on a
+    receiver, so an event that comes while a dead receiver holds one request goes out at once."""
 
-    def __init__(
-        self, *, sessions: sessionmaker[Session], settings: ServiceSettings, batch: int = 50
-    ) -> None:
+    def __init__(self, *, sessions: sessionmaker[Session], settings: ServiceSettings) -> None:
         self.sessions = sessions
         self.settings = settings
-        self.batch = batch
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._http: Any = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._in_flight: set[Future[bool]] = set()
+        self._pruned_at = float("-inf")
 
     def start(self) -> None:
         if self._thread is not None:
             return
         self._stop.clear()
+        self._pool = ThreadPoolExecutor(self.settings.webhook_concurrency, thread_name_prefix="lbgat-hook")
         self._thread = threading.Thread(target=self._loop, name="lbgat-webhooks", daemon=True)
         self._thread.start()
 
@@ -266,6 +275,9 @@ class WebhookSender:
         if self._thread is not None:
             self._thread.join(timeout if timeout is not None else self.settings.webhook_timeout_s + 5)
             self._thread = None
+        if self._pool is not None:  # requests in flight end by their timeout; their claims lapse
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
         if self._http is not None:
             self._http.close()
             self._http = None
@@ -276,24 +288,49 @@ class WebhookSender:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                self.run_once()
+                self.dispatch()
+                if time.monotonic() - self._pruned_at > PRUNE_EVERY_S:
+                    self.prune()
+                    self._pruned_at = time.monotonic()
             except Exception:  # a bad pass must not end the deliveries; the next one retries
                 log.exception("webhook delivery pass failed")
             self._wake.wait(self.settings.webhook_poll_interval_s)
             self._wake.clear()
+
+    def _done(self, future: Future[bool]) -> None:
+        self._in_flight.discard(future)
+        self._wake.set()  # a free slot: look for more at once
+
+    def dispatch(self) -> int:
+        """Claim as many due deliveries as there are free request slots and start sending them;
+        returns how many were started."""
+        assert self._pool is not None, "start() first"
+        free = self.settings.webhook_concurrency - len(self._in_flight)
+        if free <= 0:
+            return 0
+        claimed = self.claim(limit=free)
+        for delivery_id, attempt in claimed:
+            future = self._pool.submit(self.send, delivery_id, attempt)
+            self._in_flight.add(future)
+            future.add_done_callback(self._done)
+        return len(claimed)
 
     def _client(self) -> Any:
         if self._http is None:
             import httpx
 
             self._http = httpx.Client(
-                timeout=self.settings.webhook_timeout_s, follow_redirects=False, trust_env=False
+                timeout=self.settings.webhook_timeout_s,
+                follow_redirects=False,
+                trust_env=False,
+                limits=httpx.Limits(max_connections=self.settings.webhook_concurrency),
             )
         return self._http
 
-    def claim(self, now: datetime | None = None) -> list[tuple[int, int]]:
-        """Claim the due deliveries: [(id, attempt number)]. Conditional on the attempt counter, so
-        a row another replica claimed meanwhile is skipped."""
+    def claim(self, now: datetime | None = None, *, limit: int = 50) -> list[tuple[int, int]]:
+        """Claim up to `limit` due deliveries: [(id, attempt number)]. Conditional on the attempt
+        counter, so a row another replica claimed meanwhile is skipped. A claim is a lease: each
+        claimed request starts at once and ends within `webhook_timeout_s`."""
         now = now or utcnow()
         lease = now + timedelta(seconds=2 * self.settings.webhook_timeout_s + 10)
 
@@ -306,7 +343,7 @@ class WebhookSender:
                     WebhookDelivery.next_attempt_at <= now,
                 )
                 .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id)
-                .limit(self.batch)
+                .limit(limit)
             ).all()
             claimed = []
             for delivery_id, attempts in due:
@@ -327,14 +364,23 @@ class WebhookSender:
 
         return run_tx(self.sessions, go)
 
-    def run_once(self) -> int:
-        """One pass: claim what is due and send it; returns how many were delivered."""
-        delivered = 0
-        for delivery_id, attempt in self.claim():
-            if self._stop.is_set():
-                break
-            delivered += self.send(delivery_id, attempt)
-        return delivered
+    def prune(self, now: datetime | None = None) -> int:
+        """Delete deliveries that ended (delivered or given up) more than `webhook_retention_days`
+        ago; returns how many."""
+        cutoff = (now or utcnow()) - timedelta(days=self.settings.webhook_retention_days)
+
+        def go(session: Session) -> int:
+            result = session.execute(
+                delete(WebhookDelivery)
+                .where(or_(WebhookDelivery.delivered_at < cutoff, WebhookDelivery.failed_at < cutoff))
+                .execution_options(synchronize_session=False)
+            )
+            return result.rowcount or 0
+
+        removed = run_tx(self.sessions, go)
+        if removed:
+            log.info("webhooks: deleted %d deliveries that ended before %s", removed, cutoff)
+        return removed
 
     def send(self, delivery_id: int, attempt: int) -> bool:
         with self.sessions() as session:

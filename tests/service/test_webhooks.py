@@ -288,3 +288,58 @@ def test_the_signature_is_hmac_of_timestamp_and_body() -> None:
     assert webhooks.sign("s3cret", "1700000000", body) == "sha256=" + expected
     assert webhooks.verify("s3cret", "1700000000", body, "sha256=" + expected, now=1700000100)
     assert not webhooks.verify("s3cret", "1700000000", body, "sha256=" + expected, now=1700001000)  # stale
+
+
+def test_a_dead_receiver_holds_up_no_other_receiver(make_api: Any) -> None:
+    """Requests go out side by side: while the sender waits on a receiver that does not answer (a
+    30 s timeout; /slow answers only after 10 s), another webhook's event is delivered, retry
+    included, and the dead one's first attempt is still open."""
+    api: Api = make_api(**{**FAST, "webhook_timeout_s": 30.0})
+    alice = api.person()
+    bob = api.person()
+    with receiver() as rx:
+        dead = alice.http.post("/v1/webhooks", json={"url": rx.url + "/slow", "events": ["job.succeeded"]})
+        live = bob.http.post("/v1/webhooks", json={"url": rx.url + "/bob", "events": ["job.succeeded"]})
+        assert dead.status_code == live.status_code == 201
+        first, second = submit(alice), submit(bob)
+        move(api, first, JobState.dispatching, JobState.running, JobState.succeeded)
+        wait_for(lambda: len(rx.on("/slow")) == 1)  # the dead receiver holds a request now
+        move(api, second, JobState.dispatching, JobState.running, JobState.succeeded)
+        wait_for(lambda: deliveries(api, live.json()["id"])[0].delivered_at is not None, timeout=8)
+        (stuck,) = deliveries(api, dead.json()["id"])
+        assert (stuck.attempts, stuck.last_error, stuck.delivered_at, stuck.failed_at) == (
+            1,
+            None,
+            None,
+            None,
+        )
+        assert len(rx.on("/bob")) == 2  # a 500, then the retry's 200
+
+
+def test_ended_deliveries_are_pruned_after_the_retention(api: Api) -> None:
+    from datetime import timedelta
+
+    from service.settings import ServiceSettings
+
+    alice = api.person()
+    hook = alice.http.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/x", "events": ["job.failed"]})
+    assert hook.status_code == 201, hook.text
+    hook_id, now = hook.json()["id"], utcnow()
+    old, recent = now - timedelta(days=31), now - timedelta(days=29)
+    rows = {
+        "old delivered": {"delivered_at": old},
+        "old given up": {"failed_at": old, "last_error": "HTTP 500"},
+        "recent delivered": {"delivered_at": recent},
+        "old pending": {"next_attempt_at": now + timedelta(hours=1), "created_at": old},
+    }
+    with api.sessions() as session:
+        for name, fields in rows.items():
+            session.add(
+                WebhookDelivery(webhook_id=hook_id, event="job.failed", payload={"n": name}, **fields)
+            )
+        session.commit()
+    settings = ServiceSettings(_env_file=None, webhook_retention_days=30)  # type: ignore[call-arg]
+    sender = webhooks.WebhookSender(sessions=api.sessions, settings=settings)
+    assert sender.prune(now) == 2
+    assert sorted(d.payload["n"] for d in deliveries(api, hook_id)) == ["old pending", "recent delivered"]
+    assert sender.prune(now) == 0
