@@ -15,7 +15,7 @@ import secrets
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import Row, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from api_schemas import ExperimentSpec
@@ -361,7 +361,7 @@ def retry_experiment(session: Session, exp: Experiment, *, user: User) -> Experi
 # -- listing -----------------------------------------------------------------------------------------
 
 
-def encode_cursor(exp: Experiment) -> str:
+def encode_cursor(exp: Experiment | Row[Any]) -> str:
     raw = f"{exp.created_at.isoformat()}|{exp.id}"
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
@@ -394,8 +394,13 @@ def list_experiments(
     cursor: str | None = None,
 ) -> tuple[list[Experiment], str | None]:
     """Newest first, `limit` per page, keyset pagination on (created_at, id); `kind` picks training
-    runs or evaluations (default: both, the queue as it is)."""
-    query = select(Experiment)
+    runs or evaluations (default: both, the queue as it is).
+
+    The page's keys first, then its rows: ordering whole rows (specs and all) made SQLite sort every
+    match in a temporary B-tree (16 s for 50 of 100,000 queued jobs, under load); the keys come from
+    the (state | team_id [, state], created_at, id) indexes in key order (migration 0005).
+    """
+    query = select(Experiment.id, Experiment.created_at)
     if not viewer.is_admin:
         query = query.where(Experiment.team_id == viewer.team_id)
     if user:
@@ -415,12 +420,17 @@ def list_experiments(
         query = query.where(
             or_(Experiment.created_at < at, and_(Experiment.created_at == at, Experiment.id < exp_id))
         )
-    rows = list(
-        session.scalars(query.order_by(Experiment.created_at.desc(), Experiment.id.desc()).limit(limit + 1))
-    )
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return rows, encode_cursor(rows[-1]) if more and rows else None
+    keys = session.execute(
+        query.order_by(Experiment.created_at.desc(), Experiment.id.desc()).limit(limit + 1)
+    ).all()
+    more = len(keys) > limit
+    ids = [k.id for k in keys[:limit]]
+    loaded: dict[str, Experiment] = {}
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        loaded.update((e.id, e) for e in session.scalars(select(Experiment).where(Experiment.id.in_(chunk))))
+    rows = [loaded[i] for i in ids if i in loaded]  # one deleted between the two reads is left out
+    return rows, encode_cursor(keys[limit - 1]) if more else None
 
 
 def history(session: Session, experiment_id: str) -> list[StateChange]:

@@ -4,8 +4,13 @@ waiting ones in queue order with their position, reason and estimated start, eac
 
 from __future__ import annotations
 
+import math
+import threading
+import time
+import weakref
+from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -14,6 +19,71 @@ from api_schemas.jobs import FairShareStanding, JobState, QueueEntry, QueueOut
 from service import jobs
 from service.db.models import Experiment, Team, User, utcnow
 from service.settings import ServiceSettings
+
+if TYPE_CHECKING:
+    from service.api.deps import SchedulerLike
+
+# -- the scheduler's view, as the listings read it ---------------------------------------------------
+
+SLOW_PLAN_S = 1.0  # a plan this long (a queue of tens of thousands) makes the view's reuse bounded by time
+PLAN_SHARE = 4.0  # ... then a view as old as this many times the last plan's duration is used as it is
+
+
+class _Planned:
+    """Per scheduler: one listing re-plans at a time; how long the last plan made for one took."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.plan_s = 0.0
+
+
+_planned: weakref.WeakKeyDictionary[Any, _Planned] = weakref.WeakKeyDictionary()
+_planned_lock = threading.Lock()
+
+
+def current_view(scheduler: SchedulerLike, ids: Iterable[str] = ()) -> dict[str, tuple[Any, ...]]:
+    """Waiting jobs' (position, reason, estimated start) for a listing: the scheduler's latest view.
+
+    A plan covers the whole queue (fair share orders every job), so with 100,000 queued jobs it takes
+    seconds, and `Scheduler.queue_view` makes a new one whenever its view is over 2 s old or lacks one
+    of `ids`: every listing paid for a plan (16 s for 50 rows beside the dispatcher's own rounds). Once
+    a plan made here took SLOW_PLAN_S or more, a view is used until it is PLAN_SHARE times that old
+    (the dispatcher's rounds renew it meanwhile where they run), so listings spend at most about a
+    fifth of the time planning; jobs submitted since have no position until the next plan. Below that
+    this is `queue_view(ids)` itself. One listing re-plans at a time; the others wait for its view.
+    """
+    return _read(scheduler, ids, ends=False)[0]
+
+
+def current_view_and_ends(
+    scheduler: SchedulerLike, ids: Iterable[str] = ()
+) -> tuple[dict[str, tuple[Any, ...]], dict[str, datetime]]:
+    """`current_view` and the running jobs' expected ends, of one plan. `Scheduler.expected_ends`
+    re-plans when the view is over 2 s old whatever its cost (GET /v1/queue still pays for that)."""
+    return _read(scheduler, ids, ends=True)
+
+
+def _read(
+    scheduler: SchedulerLike, ids: Iterable[str], *, ends: bool
+) -> tuple[dict[str, tuple[Any, ...]], dict[str, datetime]]:
+    with _planned_lock:
+        planned = _planned.get(scheduler)
+        if planned is None:
+            planned = _planned[scheduler] = _Planned()
+    with planned.lock:
+        before = scheduler.queue_view((), max_age_s=math.inf)  # the view as it is: never a plan
+        started = time.monotonic()
+        if planned.plan_s < SLOW_PLAN_S:
+            view = scheduler.queue_view(ids)
+        else:
+            view = scheduler.queue_view((), max_age_s=PLAN_SHARE * planned.plan_s)
+        expected = {}
+        if ends:
+            expected = scheduler.expected_ends()
+            view = scheduler.queue_view((), max_age_s=math.inf)  # the plan those ends are of
+        if view is not before:  # planned here (a round ending in these microseconds is as good)
+            planned.plan_s = time.monotonic() - started
+    return view, expected
 
 
 def _effective_priorities(session: Session, settings: ServiceSettings, team_ids: set[int]) -> dict[int, int]:

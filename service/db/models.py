@@ -114,6 +114,10 @@ class Experiment(Base):
         Index("ix_experiments_owner_state", "owner_id", "state"),
         Index("ix_experiments_created", "created_at", "id"),
         Index("ix_experiments_team_kind", "team_id", "kind", "state"),
+        # the listing's orders (jobs.list_experiments: newest first, by a state and/or the team)
+        Index("ix_experiments_state_created", "state", "created_at", "id"),
+        Index("ix_experiments_team_created", "team_id", "created_at", "id"),
+        Index("ix_experiments_team_state_created", "team_id", "state", "created_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
@@ -125,7 +129,7 @@ class Experiment(Base):
     )
     name: Mapped[str] = mapped_column(String(128))
     owner_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
-    team_id: Mapped[int] = mapped_column(ForeignKey("teams.id"), index=True)
+    team_id: Mapped[int] = mapped_column(ForeignKey("teams.id"))
     state: Mapped[str] = mapped_column(String(16))
     priority: Mapped[int] = mapped_column(Integer, default=0)
     tags: Mapped[list[Any]] = mapped_column(default=list)

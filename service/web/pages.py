@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from api_schemas.protocols import Protocol, UnknownProtocol, get_protocol
-from service import auth, jobs
+from service import auth, jobs, queue_report
 from service.api import sse
 from service.api.deps import SchedulerLike, get_ray, get_scheduler, get_sessions, get_settings, get_store
 from service.api.routes.artifacts import CHUNK, _disposition, _media_type, artifact_key
@@ -315,7 +315,7 @@ def _queue_context(
         waiting = session.scalars(
             select(Experiment.id).where(Experiment.state.in_(jobs.WAITING_STATES)).limit(views.MAX_QUEUE_ROWS)
         ).all()
-        view = scheduler.queue_view(waiting) if scheduler is not None else None
+        view = queue_report.current_view(scheduler, waiting) if scheduler is not None else None
         rows = views.queue_rows(session, web.user, view)
         recent = [
             (jobs.to_out(e, settings=settings), views.may_change(e, web.user))
@@ -498,7 +498,7 @@ def read_experiment(
     with sessions() as session, page_errors():
         exp = jobs.get_experiment(session, experiment_id, viewer=web.user)
         view = (
-            scheduler.queue_view([exp.id])
+            queue_report.current_view(scheduler, [exp.id])
             if scheduler is not None and exp.state in jobs.WAITING_STATES
             else None
         )

@@ -36,7 +36,7 @@ from api_schemas.jobs import (
     TrialOut,
 )
 from api_schemas.yaml_safe import YAMLLimitError, load_yaml
-from service import jobs
+from service import jobs, queue_report
 from service.api import sse
 from service.api.deps import (
     NO_NUL,
@@ -245,10 +245,10 @@ _SUBMIT_BODY = {
 def _queue(
     scheduler: SchedulerLike | None, experiments: Iterable[Experiment]
 ) -> dict[str, tuple[int, str, datetime | None]] | None:
-    """Waiting jobs' (position, reason, estimated start) as the scheduling policy orders them now."""
+    """Waiting jobs' (position, reason, estimated start): the scheduler's latest plan (queue_report)."""
     if scheduler is None:
         return None
-    return scheduler.queue_view([e.id for e in experiments if e.state in jobs.WAITING_STATES])
+    return queue_report.current_view(scheduler, [e.id for e in experiments if e.state in jobs.WAITING_STATES])
 
 
 def _visible(sessions: sessionmaker[Session], experiment_id: str, user: User) -> Experiment:

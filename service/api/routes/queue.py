@@ -44,8 +44,9 @@ def read_queue(
         query = select(Experiment.id).where(Experiment.state.in_(jobs.WAITING_STATES))
         if not current_user.is_admin:
             query = query.where(Experiment.team_id == current_user.team_id)
-        view = scheduler.queue_view(session.scalars(query.limit(MAX_QUEUE_ROWS)).all())
-        ends = scheduler.expected_ends()
+        view, ends = queue_report.current_view_and_ends(
+            scheduler, session.scalars(query.limit(MAX_QUEUE_ROWS)).all()
+        )
     return queue_report.read_queue(
         session,
         viewer=current_user,
