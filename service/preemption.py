@@ -12,8 +12,17 @@ victims still stopping gets no second decision (the scheduler passes those in as
 How a victim stops (see service.scheduler): the scheduler marks it (`preempt_requested_at`,
 `preempted_by`, a `state` event from its state to itself), stops its Ray job (the entrypoint gets
 SIGTERM, saves a just-in-time checkpoint and writes `<trial>/preempted.json`, Ray kills it after
-LBGAT_PREEMPTION_GRACE_S), and once Ray reports it ended puts it back in `queued` with the reason
-"preempted by <job>"; its attempt is not charged.
+LBGAT_PREEMPTION_GRACE_S; past grace + LBGAT_PREEMPTION_STOP_MARGIN_S the scheduler stops it again),
+and once Ray reports it ended puts it back in `queued` with the reason "preempted by <job>"; its
+attempt is not charged.
+
+The hand-over: the preempting job is dispatched in the same round, right after the victims' stop, on
+what they free; its Ray job's driver starts (Python, imports, `ray.init`, the trainer's setup) while
+the victims checkpoint, and Ray itself holds its workers until the victims' actors release the
+resources. From the decision on, a victim whose preemptor is dispatched holds nothing in the plan
+(its slot, GPUs and CPUs are counted once, as the preemptor's and, beyond what it takes, as free for
+the jobs planned after it), so no slot is given twice; a victim whose preemptor is no longer active
+(cancelled, or its submission failed) holds what it has until it ends.
 """
 
 from __future__ import annotations

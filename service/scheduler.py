@@ -130,6 +130,8 @@ class Plan:
     ends: dict[str, datetime] = field(default_factory=dict)
     # new preemption decisions: waiting job -> the running jobs to stop for it
     preempt: dict[str, list[str]] = field(default_factory=dict)
+    # dispatched on what its victims free (new decisions and ones in flight): job -> those victims
+    handover: dict[str, list[str]] = field(default_factory=dict)
 
 
 def effective_gpus(job: Candidate, capacity: Capacity | None) -> float:
@@ -158,9 +160,15 @@ def plan(
 
     With `preemption`, the first job in line that waits for a slot or capacity may stop lower-priority
     running jobs (service.preemption): `Plan.preempt` holds the new decisions. Such a job (and one whose
-    victims are still stopping) counts as admitted on what its victims free, so jobs after it are
-    planned as if it ran, and it waits with the reason naming its victims."""
+    victims are still stopping) is dispatched at once on what its victims free (`Plan.handover`): its
+    Ray job starts while they checkpoint, and Ray holds its workers until the victims release the
+    resources. A victim whose preemptor is dispatched (active) holds nothing here: its slot, GPUs and
+    CPUs were handed over at the decision, to the preemptor and, for what it does not take, to the
+    jobs planned after it, so nothing is given twice. A victim whose preemptor is not active (its
+    submission failed, it was cancelled) still holds what it has until it ends."""
     active = list(active)
+    active_ids = {h.id for h in active if h.id}
+    handed_over = {h.id for h in active if h.preempting_for is not None and h.preempting_for in active_ids}
     queues: dict[int, list[Candidate]] = {}
     for job in sorted(candidates, key=lambda j: (-j.priority, j.created_at, j.id)):
         queues.setdefault(job.owner_id, []).append(job)
@@ -177,9 +185,10 @@ def plan(
         eff_team[h.team_id] = eff_team.get(h.team_id, 0.0) + quantum_h * h.charge_rate
         running[h.owner_id] = running.get(h.owner_id, 0) + 1
         held_gpus[h.owner_id] = held_gpus.get(h.owner_id, 0.0) + h.gpus
-        used_gpus += h.gpus
-        used_cpus += h.cpus
-    slots = max_running - len(active)
+        if h.id not in handed_over:
+            used_gpus += h.gpus
+            used_cpus += h.cpus
+    slots = max_running - (len(active) - len(handed_over))
     free_gpus = (capacity.gpus - used_gpus) if capacity else 0.0
     free_cpus = (capacity.cpus - used_cpus) if capacity else 0.0
 
@@ -287,14 +296,16 @@ def plan(
                 if not in_flight:
                     result.preempt[job.id] = [v.id for v in victims]
                     taken.update(v.id for v in victims)
-                reason = waiting_reason([v.id for v in victims])
-                # admitted on what its victims free: later jobs are planned as if it ran
-                blocked_by = None
-                slots += len(victims) - 1
-                free_gpus += sum(v.gpus for v in victims) - gpus
-                free_cpus += sum(v.cpus for v in victims) - job.cpus
-                running[owner] = running.get(owner, 0) + 1
-                held_gpus[owner] = held_gpus.get(owner, 0.0) + gpus
+                slots += len(victims)
+                free_gpus += sum(v.gpus for v in victims)
+                free_cpus += sum(v.cpus for v in victims)
+                if slots >= 1 and gpus <= free_gpus + 1e-9 and job.cpus <= free_cpus + 1e-9:
+                    # dispatched now (below), on what its victims free: its Ray job starts while they
+                    # checkpoint; later jobs are planned as if it ran
+                    result.handover[job.id] = [v.id for v in victims]
+                    reason, waits_in_line, blocked_by = None, False, None
+                else:  # victims in flight that no longer cover it (a node left meanwhile)
+                    reason = waiting_reason([v.id for v in victims])
         if reason is not None:
             position += 1
             result.waiting[job.id] = (position, reason)
@@ -457,20 +468,30 @@ class Scheduler:
                 self.run_round()
             except Exception:  # a bad round must not kill the queue; the next one retries
                 log.exception("scheduler round failed")
-            busy = self._has_dispatching()
-            # poll fast while a submission is on its way to RUNNING, so dispatch latency stays low
-            pause = min(0.05, self.settings.poll_interval_s) if busy else self.settings.poll_interval_s
+            pause = self._pause()
             self._wake.wait(max(0.0, pause - (time.monotonic() - started)))
             self._wake.clear()
 
-    def _has_dispatching(self) -> bool:
+    def _pause(self) -> float:
+        """Seconds until the next round: short while a submission is on its way to RUNNING (dispatch
+        latency), and while a preempted job is stopping (it goes back to the queue soon after its Ray
+        job ends); else the poll interval."""
+        poll = self.settings.poll_interval_s
         with self.sessions() as session:
-            return (
-                session.scalar(
-                    select(Experiment.id).where(Experiment.state == JobState.dispatching.value).limit(1)
-                )
-                is not None
+            dispatching = session.scalar(
+                select(Experiment.id).where(Experiment.state == JobState.dispatching.value).limit(1)
             )
+            if dispatching is not None:
+                return min(0.05, poll)
+            stopping = session.scalar(
+                select(Experiment.id)
+                .where(
+                    Experiment.state.in_(ACTIVE_STATES),
+                    Experiment.preempt_requested_at.is_not(None),
+                )
+                .limit(1)
+            )
+        return min(0.25, poll) if stopping is not None else poll
 
     # -- one round -----------------------------------------------------------------------------------
 
@@ -588,6 +609,11 @@ class Scheduler:
         default_s = self.settings.estimate_default_duration_s
         grace_s = self.settings.preemption_grace_s
         stopping = {v for victims in result.preempt.values() for v in victims}
+        # victims whose resources went to their preemptor (dispatched now or before): not busy twice
+        active_ids = {h.id for h in active}
+        handed_over = {v for victims in result.handover.values() for v in victims} | {
+            h.id for h in active if h.preempting_for is not None and h.preempting_for in active_ids
+        }
         busy: list[Busy] = []
         info = {}
         if active:
@@ -620,7 +646,8 @@ class Scheduler:
                     default_s=default_s,
                 )
             result.ends[h.id] = end
-            busy.append(Busy(h.id, h.gpus, h.cpus, end))
+            if h.id not in handed_over:
+                busy.append(Busy(h.id, h.gpus, h.cpus, end))
         capacity = self._capacity
         if capacity is None or not result.waiting:
             return
@@ -720,20 +747,28 @@ class Scheduler:
             result = self._plan(session, lock=True)
             self._keep_view(result)
             self._record_estimates(session, result)
-            victims = self._preempt(session, result)
+            victims, undecided = self._preempt(session, result)
             claimed = []
             capacity = self._capacity
             for job in result.dispatch:
+                if job.id in undecided:
+                    continue  # its victims could not all be marked: not dispatched on their resources
                 exp = session.get(Experiment, job.id)
                 if exp is None or exp.state not in WAITING_STATES:
                     continue
                 attempt = exp.attempts + 1
                 gpus = effective_gpus(job, capacity)
+                reason = f"attempt {attempt} of {exp.max_attempts}: submitting to Ray"
+                if job.id in result.handover:
+                    reason += (
+                        f" on what {', '.join(result.handover[job.id])} frees (preempted; Ray starts its "
+                        "workers once the resources are released)"
+                    )
                 ok = transition(
                     session,
                     exp,
                     JobState.dispatching,
-                    reason=f"attempt {attempt} of {exp.max_attempts}: submitting to Ray",
+                    reason=reason,
                     attempts=attempt,
                     ray_job_id=ray_submission_id(exp),
                     dispatched_at=utcnow(),
@@ -747,6 +782,7 @@ class Scheduler:
             return claimed, victims
 
         claimed, victims = run_tx(self.sessions, claim)
+        # victims first: their checkpoints start while the preemptors' Ray jobs are being submitted
         for exp_id, submission_id in victims:
             self._stop_victim(exp_id, submission_id)
         for exp_id, _attempt in claimed:
@@ -755,16 +791,19 @@ class Scheduler:
 
     # -- preemption and estimates --------------------------------------------------------------------
 
-    def _preempt(self, session: Session, result: Plan) -> list[tuple[str, str]]:
+    def _preempt(self, session: Session, result: Plan) -> tuple[list[tuple[str, str]], set[str]]:
         """Mark the plan's new victims (one decision per victim: the UPDATE is conditional on none
-        being in flight) with a `state` event to the same state; returns (id, Ray submission id) of
-        those whose Ray job is to be stopped once the transaction commits."""
+        being in flight) with a `state` event to the same state. Returns (id, Ray submission id) of
+        those whose Ray job is to be stopped once the transaction commits, and the preemptors not all
+        of whose victims could be marked (those are not dispatched this round)."""
         marked = []
+        undecided: set[str] = set()
         now = utcnow()
         for preemptor, victims in result.preempt.items():
             for victim in victims:
                 exp = session.get(Experiment, victim)
                 if exp is None or exp.state not in ACTIVE_STATES or exp.ray_job_id is None:
+                    undecided.add(preemptor)
                     continue
                 done = session.execute(
                     update(Experiment)
@@ -777,6 +816,7 @@ class Scheduler:
                     .execution_options(synchronize_session=False)
                 )
                 if done.rowcount != 1:
+                    undecided.add(preemptor)
                     continue
                 session.add(
                     Event(
@@ -793,7 +833,7 @@ class Scheduler:
                 )
                 log.info("preempting %s for %s", victim, preemptor)
                 marked.append((victim, exp.ray_job_id))
-        return marked
+        return marked, undecided
 
     def _stop_victim(self, exp_id: str, submission_id: str) -> None:
         """Stop a victim's Ray job: its entrypoint gets SIGTERM, saves a checkpoint and exits (Ray kills
@@ -1153,7 +1193,17 @@ class Scheduler:
             if exp is None or exp.state != JobState.dispatching.value:
                 return None
             now = utcnow()
-            if transition(session, exp, JobState.running, reason="Ray job running", started_at=now):
+            reason = "Ray job running"
+            stopping = session.scalars(
+                select(Experiment.id).where(
+                    Experiment.preempted_by == exp_id,
+                    Experiment.preempt_requested_at.is_not(None),
+                    Experiment.state.in_(ACTIVE_STATES),
+                )
+            ).all()
+            if stopping:  # dispatched on what its victims free (see plan)
+                reason += f"; its workers start as {', '.join(sorted(stopping))} release their resources"
+            if transition(session, exp, JobState.running, reason=reason, started_at=now):
                 return (now - exp.dispatched_at).total_seconds() if exp.dispatched_at else None
             return None
 

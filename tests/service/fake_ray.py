@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from service.ray_jobs import Capacity, RayJobState
+from service.ray_jobs import Capacity, RayJobState, RayUnavailable
 
 
 class FakeRay:
@@ -14,9 +14,15 @@ class FakeRay:
         self.env: dict[str, dict[str, str]] = {}
         self.stopped: list[str] = []
         self.exit_codes: dict[str, int] = {}
+        self.calls: list[tuple[str, str]] = []  # ("submit" | "stop", submission id), in call order
+        self.refuse: set[str] = set()  # submission ids whose next submission fails (Ray unreachable)
         self.address = "fake"
 
     def submit(self, *, submission_id, entrypoint, env_vars, metadata) -> str:
+        if submission_id in self.refuse:
+            self.refuse.discard(submission_id)
+            raise RayUnavailable(f"Ray dashboard at fake: submitting {submission_id} failed")
+        self.calls.append(("submit", submission_id))
         self.status[submission_id] = "RUNNING"
         self.env[submission_id] = env_vars
         return submission_id
@@ -28,6 +34,7 @@ class FakeRay:
         return RayJobState(status, None, None, None, self.exit_codes.get(submission_id))
 
     def stop(self, submission_id: str) -> bool:
+        self.calls.append(("stop", submission_id))
         self.stopped.append(submission_id)
         return True
 

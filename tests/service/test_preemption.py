@@ -12,7 +12,7 @@ import time
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from api_schemas import parse_spec
 from api_schemas.presets import get_preset
@@ -120,18 +120,31 @@ def test_a_high_priority_job_preempts_and_the_victim_resumes(queue, database_url
     high = enqueue(sessions, owner, settings, "high", priority=5)
     scheduler.run_round()
     exp = rows(sessions)
-    assert exp[high].state == "queued"
     assert exp[low].state == "running" and exp[low].preempted_by == high
     assert exp[low].preempt_requested_at is not None
-    assert ray.stopped == [f"{low}-a1"]
     assert reasons(sessions, low)[-1][:2] == ("running", "running")
     assert reasons(sessions, low)[-1][2].startswith(f"preempting for {high}")
-    view = scheduler.queue_view([high])
-    assert view[high][:2] == (1, f"waiting for {low} to checkpoint and stop (preempted)")
+    # the hand-over: the preemptor is submitted in the decision's round, right after the victim's
+    # stop, while the victim's Ray job still runs (Ray starts its workers once the victim releases)
+    assert ray.calls == [("submit", f"{low}-a1"), ("stop", f"{low}-a1"), ("submit", f"{high}-a1")]
+    assert ray.status[f"{low}-a1"] == "RUNNING"
+    assert exp[high].state in ("dispatching", "running") and exp[high].ray_job_id == f"{high}-a1"
+    dispatching = next(r for r in reasons(sessions, high) if r[1] == "dispatching")[2]
+    assert f"on what {low} frees (preempted" in dispatching
+    assert high not in scheduler.queue_view([])
 
-    # still stopping: no second decision, nothing dispatched
+    # still stopping: no second decision; the victim's CPU is the preemptor's, so a job arriving
+    # now waits (the one CPU is not free twice)
+    other = enqueue(sessions, owner, settings, "other")
     scheduler.run_round()
-    assert ray.stopped == [f"{low}-a1"] and rows(sessions)[high].state == "queued"
+    scheduler.run_round()
+    exp = rows(sessions)
+    assert ray.stopped == [f"{low}-a1"] and exp[high].state == "running" and exp[other].state == "queued"
+    assert "0 CPUs are free" in scheduler.queue_view([other])[other][1]
+    assert (
+        reasons(sessions, high)[-1][2]
+        == f"Ray job running; its workers start as {low} release their resources"
+    )
 
     # the entrypoint saved its checkpoint and exited; Ray says STOPPED
     saved = time.time() - 1
@@ -145,19 +158,106 @@ def test_a_high_priority_job_preempts_and_the_victim_resumes(queue, database_url
     assert abs(exp[low].last_checkpoint_at.timestamp() - saved) < 1e-3
     assert exp[low].lost_gpu_seconds >= 0
     assert reasons(sessions, low)[-1][:2] == ("running", "queued")
-    assert reasons(sessions, low)[-1][2].startswith(f"preempted by {high}")
-    assert exp[high].state in ("dispatching", "running")  # admitted on the freed slot, same round
+    assert reasons(sessions, low)[-1][2] == f"preempted by {high}; resumes from its just-in-time checkpoint"
+    assert exp[high].state == "running" and exp[other].state == "queued"  # the CPU is still high's
+    assert [c for c in ray.calls if c[0] == "submit"] == [("submit", f"{low}-a1"), ("submit", f"{high}-a1")]
 
-    scheduler.run_round()
     ray.status[f"{high}-a1"] = "SUCCEEDED"
     scheduler.run_round()
     scheduler.run_round()
     exp = rows(sessions)
     assert exp[high].state == "succeeded"
     assert exp[low].state == "running" and exp[low].ray_job_id == f"{low}-a2" and exp[low].attempts == 1
+    assert exp[other].state == "queued"  # the freed CPU went to one job: the older one
     ray.status[f"{low}-a2"] = "SUCCEEDED"
     scheduler.run_round()
     assert rows(sessions)[low].state == "succeeded"
+
+
+def start_preemption(queue, settings) -> tuple[Scheduler, FakeRay, str, str]:
+    """One CPU: a low-priority job runs, a high-priority one arrives and the decision's round
+    submits it; returns (scheduler, Ray, low, high)."""
+    sessions, owner, store, store_settings = queue
+    ray = FakeRay(Capacity(gpus=0, cpus=1, nodes=1))
+    scheduler = Scheduler(
+        sessions=sessions, settings=settings, store=store, ray=ray, store_settings=store_settings
+    )  # type: ignore[arg-type]
+    low = enqueue(sessions, owner, settings, "low")
+    scheduler.run_round()
+    scheduler.run_round()
+    assert rows(sessions)[low].state == "running"
+    high = enqueue(sessions, owner, settings, "high", priority=5)
+    return scheduler, ray, low, high
+
+
+def test_a_victim_that_ignores_the_stop_is_stopped_again_after_the_grace(queue, database_url):
+    """The victim's Ray job still runs past grace + margin (its entrypoint ignored SIGTERM and Ray
+    did not kill it): the scheduler stops it again, once per grace period. Its preemptor, submitted
+    at the decision, keeps the victim's resources meanwhile, and no other job is admitted on them."""
+    sessions, owner, _store, _ = queue
+    settings = settings_for(database_url, preemption_grace_s=60, preemption_stop_margin_s=30)
+    scheduler, ray, low, high = start_preemption(queue, settings)
+    scheduler.run_round()
+    scheduler.run_round()
+    assert ray.stopped == [f"{low}-a1"]  # within grace + margin: asked once
+    assert rows(sessions)[high].state == "running"
+
+    # asked 100 s ago, past 60 + 30: stopped again, once per grace period
+    asked = utcnow() - timedelta(seconds=100)
+    run_tx(
+        sessions,
+        lambda s: s.execute(
+            update(Experiment).where(Experiment.id == low).values(preempt_requested_at=asked)
+        ),
+    )
+    other = enqueue(sessions, owner, settings, "other")
+    scheduler.run_round()
+    scheduler.run_round()
+    exp = rows(sessions)
+    assert ray.stopped == [f"{low}-a1", f"{low}-a1"]
+    assert exp[low].state == "running" and exp[high].state == "running" and exp[other].state == "queued"
+
+    # Ray kills it at last, before it saved anything: back in the queue, from its last checkpoint
+    ray.status[f"{low}-a1"] = "STOPPED"
+    scheduler.run_round()
+    exp = rows(sessions)
+    assert exp[low].state == "queued" and exp[low].attempts == 0 and exp[low].preemptions == 1
+    assert reasons(sessions, low)[-1][2] == (
+        f"preempted by {high}; no just-in-time checkpoint was saved, resumes from its last checkpoint"
+    )
+    assert exp[high].state == "running" and exp[other].state == "queued"
+
+
+def test_a_preemptor_whose_submission_failed_is_dispatched_again_on_its_victim(queue, database_url):
+    """Ray refuses the preemptor's submission in the decision's round: it goes back to the queue,
+    the decision stands (the victim stops, once), and the next round submits it again on the
+    victim's resources, without a second decision."""
+    sessions = queue[0]
+    scheduler, ray, low, high = start_preemption(queue, settings_for(database_url))
+    ray.refuse.add(f"{high}-a1")
+    scheduler.run_round()
+    exp = rows(sessions)
+    assert exp[high].state == "queued" and exp[low].preempted_by == high
+    assert reasons(sessions, high)[-1][2].startswith("submission failed, will try again")
+    scheduler.run_round()
+    exp = rows(sessions)
+    assert exp[high].state == "running" and exp[low].state == "running"
+    assert ray.calls == [("submit", f"{low}-a1"), ("stop", f"{low}-a1"), ("submit", f"{high}-a1")]
+
+
+def test_rounds_come_quickly_while_a_victim_stops(queue, database_url):
+    """The pause before the next round: the poll interval, but short while a victim is stopping
+    (it goes back to the queue as soon as Ray says it ended)."""
+    sessions = queue[0]
+    scheduler, ray, low, high = start_preemption(queue, settings_for(database_url, poll_interval_s=2))
+    assert scheduler._pause() == 2
+    scheduler.run_round()
+    assert rows(sessions)[high].state == "running"
+    assert scheduler._pause() == 0.25
+    ray.status[f"{low}-a1"] = "STOPPED"
+    scheduler.run_round()
+    assert rows(sessions)[low].state == "queued"
+    assert scheduler._pause() == 2
 
 
 def test_no_preemption_while_off_or_for_equal_priority(queue, database_url):

@@ -79,9 +79,10 @@ def test_victims_by_least_work_lost_then_lowest_priority_then_latest_start():
         running("no-ckpt", started_min=20),  # 20 lost
     ]
     result = run([waiting("urgent")], active, gpus=3)
-    assert result.dispatch == []
     assert result.preempt == {"urgent": ["fresh-ckpt"]}
-    assert result.waiting["urgent"] == (1, "waiting for fresh-ckpt to checkpoint and stop (preempted)")
+    # dispatched at the decision, on what its victim frees (its Ray job starts while the victim saves)
+    assert [j.id for j in result.dispatch] == ["urgent"] and result.waiting == {}
+    assert result.handover == {"urgent": ["fresh-ckpt"]}
 
     # equal work lost: the lowest priority goes first, then the most recent start
     tie = [
@@ -131,13 +132,55 @@ def test_no_preemption_for_a_job_blocked_by_its_owner_limits():
 
 
 def test_one_decision_per_job_in_flight():
+    # the preemptor is back in the queue (its submission failed) while its victim stops: dispatched
+    # again on that victim, with no second decision nor a second victim
     active = [running("stopping", preempting_for="urgent"), running("other", priority=0)]
     result = run([waiting("urgent")], active, gpus=2)
-    assert result.preempt == {}  # its victim is still stopping: no second decision, nor a second victim
-    assert result.waiting["urgent"][1] == "waiting for stopping to checkpoint and stop (preempted)"
+    assert result.preempt == {}
+    assert [j.id for j in result.dispatch] == ["urgent"] and result.handover == {"urgent": ["stopping"]}
     # a victim being stopped for one job is not chosen again for another
     result = run([waiting("second", minute=5)], [running("stopping", preempting_for="urgent")], gpus=1)
-    assert result.preempt == {}
+    assert result.preempt == {} and result.dispatch == []
+    # victims in flight that no longer cover their preemptor (a node left): it waits, naming them
+    active = [running("stopping", preempting_for="urgent"), running("young", started_min=5)]
+    result = run([waiting("urgent", gpus=2)], active, gpus=2)
+    assert result.preempt == {} and result.dispatch == []
+    assert result.waiting["urgent"] == (1, "waiting for stopping to checkpoint and stop (preempted)")
+
+
+def test_a_victim_handed_over_holds_nothing_and_nothing_is_given_twice():
+    """Rounds after the decision: the preemptor is dispatched (a holder) while its victim still
+    stops. The victim's slot and GPU are the preemptor's now: counted once, not free again."""
+    victim = running("victim", preempting_for="urgent")
+    urgent = running("urgent", owner=ALICE, priority=5, started_min=0)
+    # 1 GPU, 2 slots: the GPU is the preemptor's; the victim's slot too, so one slot is left
+    result = run([waiting("next", owner=CAROL, priority=5)], [victim, urgent], gpus=1, max_running=2)
+    assert result.dispatch == [] and result.preempt == {}  # urgent is not lower, victim already stops
+    assert "0 GPUs" in result.waiting["next"][1]
+    cpu_jobs = [waiting(f"cpu-{i}", owner=CAROL, gpus=0, minute=i) for i in range(2)]
+    result = run(cpu_jobs, [victim, urgent], gpus=1, max_running=2)
+    assert [j.id for j in result.dispatch] == ["cpu-0"]
+    assert "slots are busy" in result.waiting["cpu-1"][1]
+    # a victim whose preemptor is not running (cancelled before it ended) still holds its GPU
+    result = run([waiting("next", owner=CAROL, priority=0)], [victim], gpus=1)
+    assert result.dispatch == [] and "0 GPUs" in result.waiting["next"][1]
+
+
+def test_what_a_victim_frees_beyond_its_preemptors_need_goes_to_the_jobs_after_it_once():
+    big = running("big", gpus=2, started_min=30)
+    # the decision: urgent takes 1 of big's 2 GPUs, the job after it the other
+    result = run([waiting("urgent"), waiting("after", owner=CAROL, priority=0, minute=1)], [big], gpus=2)
+    assert result.preempt == {"urgent": ["big"]}
+    assert [j.id for j in result.dispatch] == ["urgent", "after"]
+    # the next round: both hold their GPU, big (stopping) holds nothing; a third job waits
+    stopping = running("big", gpus=2, started_min=30, preempting_for="urgent")
+    holders = [
+        stopping,
+        running("urgent", owner=ALICE, priority=5, started_min=0),
+        running("after", owner=CAROL, started_min=0),
+    ]
+    result = run([waiting("third", owner=CAROL, priority=0, minute=2)], holders, gpus=2)
+    assert result.dispatch == [] and "0 GPUs" in result.waiting["third"][1]
 
 
 def test_two_urgent_jobs_each_get_their_own_victim_and_later_jobs_wait():
@@ -148,8 +191,8 @@ def test_two_urgent_jobs_each_get_their_own_victim_and_later_jobs_wait():
         gpus=2,
     )
     assert result.preempt == {"u1": ["a"], "u2": ["b"]}
-    assert result.dispatch == []
-    assert [result.waiting[j][0] for j in ("u1", "u2", "low")] == [1, 2, 3]
+    assert [j.id for j in result.dispatch] == ["u1", "u2"]
+    assert result.waiting["low"][0] == 1 and "0 GPUs" in result.waiting["low"][1]
 
 
 # -- estimates -----------------------------------------------------------------------------------
