@@ -1,8 +1,10 @@
 """Load benchmark of the control plane on loopback: submission latency and throughput with 100
 concurrent clients, resident memory with 10,000 queued jobs, submit-to-running time next to Ray's
 own Job Submission API, and a scheduler round's duration with 1,000 to 100,000 queued jobs on SQLite
-and PostgreSQL with the service's memory at the largest (benchmarks/scheduler_rounds.py). It starts
-(and stops) everything it measures; see benchmarks/README.md.
+and PostgreSQL with the service's memory at the largest (benchmarks/scheduler_rounds.py). With
+`--preemption`, also preemption latency: real digits training on a local multi-node Ray
+(benchmarks/preemption_latency.py). It starts (and stops) everything it measures; see
+benchmarks/README.md.
 
     python benchmarks/service_load.py            # the figures the issue's targets refer to
     python benchmarks/service_load.py --quick    # fewer requests and jobs: a minute or two
@@ -36,7 +38,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import scheduler_rounds  # noqa: E402  (benchmarks/, beside this script)
+import preemption_latency  # noqa: E402  (benchmarks/, beside this script)
+import scheduler_rounds  # noqa: E402
 
 from api_schemas.presets import PRESETS  # noqa: E402
 from service.local_service import LocalService  # noqa: E402
@@ -392,6 +395,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--rounds-backends", default="sqlite,postgres", help="databases of the scheduler-round part"
     )
     p.add_argument("--rounds-repeat", type=int, default=3, help="rounds timed per size (median and max)")
+    p.add_argument(
+        "--preemption",
+        action="store_true",
+        help="also measure preemption latency (digits training on a local Ray cluster; needs torch)",
+    )
+    p.add_argument("--preemption-runs", type=int, help="preemptions measured (default 3; quick 2)")
     p.add_argument("--json", action="store_true", help="also print every figure as one JSON object")
     p.add_argument("-v", "--verbose", action="store_true", help="progress and the service's log on stderr")
     args = p.parse_args(argv)
@@ -400,6 +409,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.duration = args.duration or (5.0 if args.quick else 20.0)
     args.queued = args.queued or (2000 if args.quick else 10_000)
     args.runs = args.runs or (3 if args.quick else 5)
+    args.preemption_runs = args.preemption_runs or (2 if args.quick else 3)
     args.rounds_sizes = [
         int(n)
         for n in (args.rounds_sizes or ("1000,10000" if args.quick else "1000,10000,100000")).split(",")
@@ -461,7 +471,13 @@ def main(argv: list[str] | None = None) -> int:
                 rounds=args.rounds_repeat,
                 verbose=args.verbose,
             )
+        if args.preemption:
+            report["preemption"] = preemption_latency.run(
+                runs=args.preemption_runs, tmp=Path(tmp) / "preemption", verbose=args.verbose
+            )
     print_report(report, args)
+    if "preemption" in report:
+        preemption_latency.print_report(report["preemption"])
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     return 0
