@@ -1,14 +1,15 @@
 """Load benchmark of the control plane on loopback: submission latency and throughput with 100
 concurrent clients, resident memory with 10,000 queued jobs, submit-to-running time next to Ray's
 own Job Submission API, and a scheduler round's duration with 1,000 to 100,000 queued jobs on SQLite
-and PostgreSQL with the service's memory at the largest (benchmarks/scheduler_rounds.py). With
-`--preemption`, also preemption latency: real digits training on a local multi-node Ray
-(benchmarks/preemption_latency.py). It starts (and stops) everything it measures; see
-benchmarks/README.md.
+and PostgreSQL with the service's memory at the largest (benchmarks/scheduler_rounds.py), and the
+listings over such queues (benchmarks/listing.py). With `--preemption`, also preemption latency:
+real digits training on a local multi-node Ray (benchmarks/preemption_latency.py). It starts (and
+stops) everything it measures; see benchmarks/README.md.
 
     python benchmarks/service_load.py            # the figures the issue's targets refer to
     python benchmarks/service_load.py --quick    # fewer requests and jobs: a minute or two
-    python benchmarks/service_load.py --skip-load --skip-memory --skip-dispatch   # the rounds alone
+    python benchmarks/service_load.py --skip-load --skip-memory --skip-dispatch --skip-listing   # the rounds alone
+    python benchmarks/service_load.py --skip-load --skip-memory --skip-dispatch --skip-rounds    # the listings alone
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import preemption_latency  # noqa: E402  (benchmarks/, beside this script)
+import listing  # noqa: E402  (benchmarks/, beside this script)
+import preemption_latency  # noqa: E402
 import scheduler_rounds  # noqa: E402
 
 from api_schemas.presets import PRESETS  # noqa: E402
@@ -395,6 +397,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--rounds-backends", default="sqlite,postgres", help="databases of the scheduler-round part"
     )
     p.add_argument("--rounds-repeat", type=int, default=3, help="rounds timed per size (median and max)")
+    p.add_argument("--skip-listing", action="store_true")
+    p.add_argument(
+        "--listing-sizes",
+        help="queued jobs of the listing part (default 1000,10000,100000; quick 1000,10000)",
+    )
+    p.add_argument("--listing-backends", default="sqlite,postgres", help="databases of the listing part")
+    p.add_argument(
+        "--listing-repeat", type=int, default=5, help="requests timed per listing (median and max)"
+    )
     p.add_argument(
         "--preemption",
         action="store_true",
@@ -415,6 +426,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for n in (args.rounds_sizes or ("1000,10000" if args.quick else "1000,10000,100000")).split(",")
     ]
     args.rounds_backends = [b.strip() for b in args.rounds_backends.split(",") if b.strip()]
+    args.listing_sizes = [
+        int(n)
+        for n in (args.listing_sizes or ("1000,10000" if args.quick else "1000,10000,100000")).split(",")
+    ]
+    args.listing_backends = [b.strip() for b in args.listing_backends.split(",") if b.strip()]
     return args
 
 
@@ -469,6 +485,14 @@ def main(argv: list[str] | None = None) -> int:
                 args.rounds_backends,
                 Path(tmp),
                 rounds=args.rounds_repeat,
+                verbose=args.verbose,
+            )
+        if not args.skip_listing:
+            report["listing"] = listing.run(
+                args.listing_sizes,
+                args.listing_backends,
+                Path(tmp),
+                repeat=args.listing_repeat,
                 verbose=args.verbose,
             )
         if args.preemption:
@@ -637,6 +661,8 @@ def print_report(report: dict[str, Any], args: argparse.Namespace) -> None:
         console.print(table)
     if "scheduler_rounds" in report:
         scheduler_rounds.print_rounds(report["scheduler_rounds"], console)
+    if "listing" in report:
+        listing.print_listing(report["listing"], console, args.listing_repeat)
     if args.quick:
         console.print(
             "(--quick: fewer requests and jobs; run without it for the figures the targets refer to)"
