@@ -8,12 +8,13 @@ import math
 import threading
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, load_only, selectinload
 
 from api_schemas.jobs import FairShareStanding, JobState, QueueEntry, QueueOut
 from service import jobs
@@ -56,15 +57,16 @@ def current_view(scheduler: SchedulerLike, ids: Iterable[str] = ()) -> dict[str,
 
 
 def current_view_and_ends(
-    scheduler: SchedulerLike, ids: Iterable[str] = ()
+    scheduler: SchedulerLike, ids: Iterable[str] | Callable[[], Iterable[str]] = ()
 ) -> tuple[dict[str, tuple[Any, ...]], dict[str, datetime]]:
-    """`current_view` and the running jobs' expected ends, of one plan. `Scheduler.expected_ends`
-    re-plans when the view is over 2 s old whatever its cost (GET /v1/queue still pays for that)."""
+    """`current_view` and the running jobs' expected ends, of one plan (the same reuse rule: the ends
+    are the view's plan's, never a plan of their own). `ids` may be a function that reads them: it is
+    called only where they are used (while plans are cheap)."""
     return _read(scheduler, ids, ends=True)
 
 
 def _read(
-    scheduler: SchedulerLike, ids: Iterable[str], *, ends: bool
+    scheduler: SchedulerLike, ids: Iterable[str] | Callable[[], Iterable[str]], *, ends: bool
 ) -> tuple[dict[str, tuple[Any, ...]], dict[str, datetime]]:
     with _planned_lock:
         planned = _planned.get(scheduler)
@@ -74,12 +76,12 @@ def _read(
         before = scheduler.queue_view((), max_age_s=math.inf)  # the view as it is: never a plan
         started = time.monotonic()
         if planned.plan_s < SLOW_PLAN_S:
-            view = scheduler.queue_view(ids)
+            view = scheduler.queue_view(ids() if callable(ids) else ids)
         else:
             view = scheduler.queue_view((), max_age_s=PLAN_SHARE * planned.plan_s)
         expected = {}
         if ends:
-            expected = scheduler.expected_ends()
+            expected = scheduler.expected_ends(max_age_s=math.inf)  # the latest plan's: never a plan
             view = scheduler.queue_view((), max_age_s=math.inf)  # the plan those ends are of
         if view is not before:  # planned here (a round ending in these microseconds is as good)
             planned.plan_s = time.monotonic() - started
@@ -103,6 +105,10 @@ def _effective_priorities(session: Session, settings: ServiceSettings, team_ids:
     }
 
 
+#: waiting jobs' ids looked up per query while the page follows the view's order
+PAGE_CHUNK = 1000
+
+
 def read_queue(
     session: Session,
     *,
@@ -115,46 +121,75 @@ def read_queue(
     kind: str | None = None,
     limit: int = 1000,
 ) -> QueueOut:
-    """The queue the viewer may see (their team's jobs; an admin's: everyone's)."""
-    states = [JobState.running, JobState.dispatching, JobState.queued, JobState.retrying]
-    query = select(Experiment).where(Experiment.state.in_([s.value for s in states]))
+    """The queue the viewer may see (their team's jobs; an admin's: everyone's): the running jobs, and
+    the first `limit` waiting ones in the view's order (jobs the view does not know yet, submitted
+    since its plan, after them in submission order); `more_waiting` counts the others.
+
+    `view` lists the waiting jobs in queue order (Scheduler.queue_view: position 1 first). With
+    100,000 queued, reading every waiting job's sort key to order them took seconds a request; the page
+    now follows the view, looking its ids up PAGE_CHUNK at a time until `limit` match the filters, and
+    counts the rest. Where few jobs match (a team's tenth of the queue: walking the view would look up
+    more ids than match), their keys are read and ordered instead."""
+    conditions = []
     if not viewer.is_admin:
-        query = query.where(Experiment.team_id == viewer.team_id)
+        conditions.append(Experiment.team_id == viewer.team_id)
     if team:
-        query = query.join(Team, Experiment.team_id == Team.id).where(Team.name == team)
+        conditions.append(Experiment.team_id == session.scalar(select(Team.id).where(Team.name == team)))
     if user:
-        query = query.join(User, Experiment.owner_id == User.id).where(User.name == user)
+        conditions.append(Experiment.owner_id == session.scalar(select(User.id).where(User.name == user)))
     if kind:
-        query = query.where(Experiment.kind == kind)
-    # Every row's sort key first, whole rows (spec and all) only for those listed: with 100,000 queued
-    # jobs, loading them all took 2 GB and two minutes.
-    keys = session.execute(
-        query.with_only_columns(Experiment.id, Experiment.state, Experiment.created_at, Experiment.team_id)
-    ).all()
+        conditions.append(Experiment.kind == kind)
+    waiting = [Experiment.state.in_(jobs.WAITING_STATES), *conditions]
     view = view or {}
     ends = ends or {}
-    far = 1 << 62
-    waiting_keys = sorted(
-        (k for k in keys if k.state in jobs.WAITING_STATES),
-        key=lambda k: (view[k.id][0] if k.id in view else far, k.created_at, k.id),
+
+    total = session.scalar(select(func.count()).select_from(Experiment).where(*waiting)) or 0
+    if total * total <= limit * len(view):  # walking the view would look up more ids than match
+        keys = session.execute(select(Experiment.id, Experiment.created_at).where(*waiting)).all()
+        in_view = sorted((k.id for k in keys if k.id in view), key=lambda i: view[i][0])
+        page = in_view[:limit]
+        if len(page) < limit:
+            rest = sorted((k.created_at, k.id) for k in keys if k.id not in view)
+            page += [i for _, i in rest[: limit - len(page)]]
+    else:
+        page = _page_from_view(session, view, waiting, limit)
+
+    columns = (
+        Experiment.id,
+        Experiment.name,
+        Experiment.kind,
+        Experiment.state,
+        Experiment.priority,
+        Experiment.owner_id,
+        Experiment.team_id,
+        Experiment.gpus,
+        Experiment.cpus,
+        Experiment.created_at,
+        Experiment.started_at,
+        Experiment.preempt_requested_at,
+        Experiment.preempted_by,
+        Experiment.preemptions,
     )
-    shown = [k.id for k in keys if k.state not in jobs.WAITING_STATES] + [k.id for k in waiting_keys[:limit]]
-    loaded = (
-        {e.id: e for e in session.scalars(select(Experiment).where(Experiment.id.in_(shown)))}
-        if shown
-        else {}
+    shown = select(Experiment).options(
+        load_only(*columns), selectinload(Experiment.owner), selectinload(Experiment.team)
     )
-    active = [
-        loaded[k.id]
-        for k in sorted(keys, key=lambda k: (k.created_at, k.id))
-        if k.id in loaded and k.state not in jobs.WAITING_STATES
-    ]
-    listed = [loaded[k.id] for k in waiting_keys[:limit] if k.id in loaded]
+    active = list(
+        session.scalars(
+            shown.where(Experiment.state.in_(jobs.ACTIVE_STATES), *conditions).order_by(
+                Experiment.created_at, Experiment.id
+            )
+        )
+    )
+    loaded: dict[str, Experiment] = {}
+    for chunk in range(0, len(page), PAGE_CHUNK):
+        part = page[chunk : chunk + PAGE_CHUNK]
+        loaded.update((e.id, e) for e in session.scalars(shown.where(Experiment.id.in_(part))))
+    listed = [loaded[i] for i in page if i in loaded]
 
     user_hours, team_hours = jobs.usage_gpu_hours(session, settings=settings)
     total_user = sum(user_hours.values())
     total_team = sum(team_hours.values())
-    penalties = _effective_priorities(session, settings, {k.team_id for k in keys})
+    penalties = _effective_priorities(session, settings, {e.team_id for e in (*active, *listed)})
 
     def entry(exp: Experiment) -> QueueEntry:
         position = reason = estimate = None
@@ -194,5 +229,35 @@ def read_queue(
         fair_share_window_h=settings.fair_share_window_h,
         running=[entry(e) for e in active],
         waiting=[entry(e) for e in listed],
-        more_waiting=len(waiting_keys) - len(listed),
+        more_waiting=total - len(listed),
     )
+
+
+def _page_from_view(
+    session: Session, view: dict[str, tuple[Any, ...]], waiting: list[Any], limit: int
+) -> list[str]:
+    """The first `limit` ids of waiting jobs that match `waiting` (the state and the listing's filters),
+    in the view's order, then the view's unknown ones by (created_at, id)."""
+    page: list[str] = []
+    ids = iter(view)
+    while len(page) < limit:
+        chunk = list(islice(ids, PAGE_CHUNK))
+        if not chunk:
+            break
+        found = set(session.scalars(select(Experiment.id).where(Experiment.id.in_(chunk), *waiting)))
+        page += [i for i in chunk if i in found]
+    del page[limit:]
+    if len(page) < limit:  # submitted since the view's plan: after it, first come first
+        newer = session.scalars(
+            select(Experiment.id)
+            .where(*waiting)
+            .order_by(Experiment.created_at, Experiment.id)
+            .execution_options(yield_per=PAGE_CHUNK)
+        )
+        for exp_id in newer:
+            if exp_id not in view:
+                page.append(exp_id)
+                if len(page) == limit:
+                    break
+        newer.close()
+    return page

@@ -99,12 +99,13 @@ class _Scheduler:
         self.plans += 1
         self.clock.now += self.plan_s
         self.view = {exp_id: (n, "waits", None) for n, exp_id in enumerate(self.waiting, 1)}
+        self.ends = {"running": self.plans}  # which plan the ends are of
         self.view_at = self.clock.now
         return self.view
 
-    def expected_ends(self):
-        self.queue_view()
-        return {}
+    def expected_ends(self, max_age_s: float = 2.0):
+        self.queue_view((), max_age_s)
+        return dict(self.ends)
 
 
 def test_listings_reuse_a_costly_view(monkeypatch) -> None:
@@ -129,7 +130,36 @@ def test_listings_reuse_a_costly_view(monkeypatch) -> None:
     assert costly.plans == 1 and "b" not in view and view["a"] == (1, "waits", None)
     clock.now += 8  # 13 s old: planned again
     assert queue_report.current_view(costly, ["b"])["b"] == (2, "waits", None) and costly.plans == 2
-    # the queue's own table takes the running jobs' ends from the plan its view is of
+    # the queue's own table (GET /v1/queue) reuses the view by the same rule, and takes the running
+    # jobs' ends from the plan its view is of
     clock.now += 5
     view, ends = queue_report.current_view_and_ends(costly, ["a"])
-    assert costly.plans == 3 and view is costly.view and ends == {}
+    assert costly.plans == 2 and view is costly.view and ends == {"running": 2}
+    clock.now += 8
+    view, ends = queue_report.current_view_and_ends(costly, ["a"])
+    assert costly.plans == 3 and view is costly.view and ends == {"running": 3}
+
+
+def test_queue_table_reads_waiting_ids_only_while_plans_are_cheap(monkeypatch) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(queue_report, "time", SimpleNamespace(monotonic=clock))
+    asked: list[int] = []
+
+    def ids() -> list[str]:
+        asked.append(1)
+        return ["a", "b"]
+
+    cheap = _Scheduler(clock, plan_s=0.05)
+    cheap.waiting = ["a"]
+    queue_report.current_view_and_ends(cheap, ids)
+    assert len(asked) == 1 and cheap.plans == 1
+    view, ends = queue_report.current_view_and_ends(cheap, ids)  # "b" is not in the view: planned
+    assert len(asked) == 2 and cheap.plans == 2 and ends == {"running": 2} and view is cheap.view
+    costly = _Scheduler(clock, plan_s=3.0)
+    costly.waiting = ["a"]
+    queue_report.current_view_and_ends(costly, ids)
+    asked.clear()
+    costly.waiting = ["a", "b"]
+    clock.now += 5
+    view, _ = queue_report.current_view_and_ends(costly, ids)
+    assert asked == [] and costly.plans == 1 and "b" not in view

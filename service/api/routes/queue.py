@@ -41,12 +41,14 @@ def read_queue(
 ) -> QueueOut:
     view = ends = None
     if scheduler is not None:
-        query = select(Experiment.id).where(Experiment.state.in_(jobs.WAITING_STATES))
-        if not current_user.is_admin:
-            query = query.where(Experiment.team_id == current_user.team_id)
-        view, ends = queue_report.current_view_and_ends(
-            scheduler, session.scalars(query.limit(MAX_QUEUE_ROWS)).all()
-        )
+
+        def waiting_ids() -> list[str]:  # read only while plans are cheap (queue_report.current_view)
+            query = select(Experiment.id).where(Experiment.state.in_(jobs.WAITING_STATES))
+            if not current_user.is_admin:
+                query = query.where(Experiment.team_id == current_user.team_id)
+            return list(session.scalars(query.limit(MAX_QUEUE_ROWS)))
+
+        view, ends = queue_report.current_view_and_ends(scheduler, waiting_ids)
     return queue_report.read_queue(
         session,
         viewer=current_user,
