@@ -254,6 +254,7 @@ class LocalRayNode:
         self._cmd_args = (num_cpus, resources or {}, object_store_mb)
         self._timeout_s = timeout_s
         self.node_id = ""
+        self.drained = False
         self._start()
         if wait:
             self.wait_joined()
@@ -341,8 +342,10 @@ class LocalRayNode:
 
     def drain(self, *, reason_message: str = "drained by a test", deadline_s: int | None = None) -> str:
         """`ray drain-node` of this node with the preemption reason (what a spot reclaim sends): Ray
-        Train's workers on it see `get_preemption_info()` and the node leaves once idle. Returns the
-        command's output; raises when the GCS rejects the drain."""
+        Train's workers on it see `get_preemption_info()`, Ray places nothing new on the node, and the
+        node leaves once idle (dead, "Terminated due to preemption"); the deadline is only announced,
+        nothing kills the node at it. Returns the command's output; raises when the GCS rejects the
+        drain. The node counts as lost from then on (`LocalRayCluster.replace_lost`)."""
         cmd = [
             _ray_cli(), "drain-node", f"--address={self.head.address}", f"--node-id={self.node_id}",
             "--reason=DRAIN_NODE_REASON_PREEMPTION", f"--reason-message={reason_message}",
@@ -354,6 +357,7 @@ class LocalRayNode:
         )
         if done.returncode != 0:
             raise RuntimeError(f"ray drain-node {self.name} failed: {(done.stderr or done.stdout).strip()}")
+        self.drained = True
         return done.stdout + done.stderr
 
     def stop(self, timeout_s: float = 15, *, keep_log: bool = False) -> None:
@@ -368,7 +372,9 @@ class LocalRayCluster:
     """A head with no job resources and `workers` worker nodes, each with `cpus_per_worker` CPUs and
     one `gpu_resource` (a custom resource standing for a GPU: jobs are admitted by what the nodes
     report and training asks for it, see LBGAT_GPU_RESOURCE), all on 127.0.0.1 with the token of
-    `state_dir`. `head.dashboard_url` is the Job API; `nodes` the worker nodes, by name."""
+    `state_dir`. `head.dashboard_url` is the Job API; `nodes` the worker nodes, by name.
+    `replace_lost()` starts fresh nodes in place of those killed or drained, so that a cluster shared
+    by tests keeps its shape."""
 
     def __init__(
         self,
@@ -383,8 +389,8 @@ class LocalRayCluster:
         timeout_s: float = 120,
     ) -> None:
         self.gpu_resource = gpu_resource
-        log_dir = Path(log_dir) if log_dir else None
-        env = {
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.env = {
             # a raylet killed outright is declared dead after ~1.5 s, not Ray's ~30 s
             "RAY_health_check_initial_delay_ms": "1000",
             "RAY_health_check_period_ms": "500",
@@ -392,12 +398,14 @@ class LocalRayCluster:
             "RAY_health_check_failure_threshold": "3",
             **(env or {}),
         }
+        self.timeout_s = timeout_s
+        self._started = 0  # worker nodes started so far: the next one is worker-<n+1>
         self.head = LocalRay(
             state_dir=state_dir,
             num_cpus=0,
             num_gpus=0,
-            env=env,
-            log_path=log_dir / "head.log" if log_dir else None,
+            env=self.env,
+            log_path=self.log_dir / "head.log" if self.log_dir else None,
             timeout_s=timeout_s,
         )
         self.nodes: dict[str, LocalRayNode] = {}
@@ -405,11 +413,8 @@ class LocalRayCluster:
             # every node starts now and they join together (each `ray start` mostly waits); started
             # from this thread, which outlives them (their processes die with the thread that
             # started them, see _die_with_parent)
-            for i in range(1, workers + 1):
-                self.add_node(
-                    f"worker-{i}", num_cpus=cpus_per_worker, gpus=gpus_per_node, env=env, log_dir=log_dir,
-                    timeout_s=timeout_s, wait=False,
-                )  # fmt: skip
+            for _ in range(workers):
+                self.add_node(num_cpus=cpus_per_worker, gpus=gpus_per_node, wait=False)
             for node in self.nodes.values():
                 node.wait_joined()
         except BaseException:
@@ -418,27 +423,44 @@ class LocalRayCluster:
 
     def add_node(
         self,
-        name: str,
+        name: str | None = None,
         *,
         num_cpus: int,
         gpus: float = 1,
         env: dict[str, str] | None = None,
         log_dir: Path | None = None,
-        timeout_s: float = 120,
+        timeout_s: float | None = None,
         wait: bool = True,
     ) -> LocalRayNode:
+        """Start a worker node (named worker-<n> by default) with the cluster's environment and log
+        folder unless given others."""
+        self._started += 1
+        name = name or f"worker-{self._started}"
+        log_dir = log_dir or self.log_dir
         node = LocalRayNode(
             self.head,
             name=name,
             num_cpus=num_cpus,
             resources={self.gpu_resource: gpus} if gpus else {},
-            env=env,
+            env=self.env if env is None else env,
             log_path=log_dir / f"{name}.log" if log_dir else None,
-            timeout_s=timeout_s,
+            timeout_s=self.timeout_s if timeout_s is None else timeout_s,
             wait=wait,
         )
         self.nodes[name] = node
         return node
+
+    def replace_lost(self) -> list[str]:
+        """Stop every worker node that is dead or was drained and start a fresh one of the same shape
+        (CPUs, resources) in its place; the names of the nodes replaced. Call it on the thread that
+        made the cluster (see LocalRayNode.wait_joined)."""
+        lost = [name for name, node in self.nodes.items() if node.drained or node.state() != "ALIVE"]
+        for name in lost:
+            node = self.nodes.pop(name)
+            node.stop()
+            num_cpus, resources, _ = node._cmd_args
+            self.add_node(num_cpus=num_cpus, gpus=resources.get(self.gpu_resource, 0), env=node._env)
+        return lost
 
     def node_of(self, node_id: str) -> LocalRayNode | None:
         return next((n for n in self.nodes.values() if n.node_id == node_id), None)

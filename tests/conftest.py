@@ -109,19 +109,25 @@ def ray_cluster(ray_head) -> str:
 @pytest.fixture(scope="session")
 def ray_multinode(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """A real multi-node Ray cluster on 127.0.0.1 for the session: a head with no job resources and two
-    worker nodes (`ray start --address`), each with 1 CPU and one `fake_gpu`, the custom resource
+    worker nodes (`ray start --address`), each with 2 CPUs and one `fake_gpu`, the custom resource
     standing for a GPU (the service counts it with LBGAT_GPU_RESOURCE=fake_gpu), token auth on with
-    the suite's token. Yields the `LocalRayCluster`; this process never joins it as a driver (it is
-    already one of `ray_head`'s): use the Job API, or drivers in subprocesses."""
+    the suite's token. Jobs that ask for the GPU resource find one per node; a CPU-only training of
+    2 workers fits on one node (the drain test moves one from node to node). Yields the
+    `LocalRayCluster`; this process never joins it as a driver (it is already one of `ray_head`'s):
+    use the Job API, or drivers in subprocesses. A test may kill or drain a node and leave it:
+    tests/e2e/test_multinode.py's `cluster` fixture replaces such nodes before each test."""
     pytest.importorskip("ray")
     from service.local_ray import LocalRayCluster
 
     cluster = LocalRayCluster(
         state_dir=RAY_STATE_DIR,
         workers=2,
-        cpus_per_worker=1,
+        cpus_per_worker=2,
         gpu_resource="fake_gpu",
         log_dir=tmp_path_factory.mktemp("ray-multinode"),
+        # Ray Train's preemption watcher asks the GCS for drained nodes every second (Ray's default:
+        # 5 s), so that a drain reaches the workers well before the test's drain deadline
+        env={"RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"},
     )
     try:
         yield cluster
