@@ -1,8 +1,11 @@
 """Start-time estimates of waiting jobs: pure functions, used by the scheduler and tested on their own.
 
 What runs now ends when its work left is done: a training run's epochs left (the spec's epochs minus
-the epochs its metrics report) times its seconds per epoch (the mean `seconds` of its latest metrics
-rows), counted from its latest row; an evaluation's shards left times its seconds per shard (from its
+the epochs its metrics report) times its seconds per epoch, counted from its latest row. An epoch's
+seconds are the wall time between consecutive epochs' rows (`extra.finished_at`: training plus
+validation, checkpoint and report, the median of the latest ones, so a restart's gap does not count),
+or where fewer than two rows follow each other, the mean training `seconds` of the rows (which leaves
+out validation and reporting, a third of an epoch on the digits demo: such estimates come early); an evaluation's shards left times its seconds per shard (from its
 progress rows of this attempt). Where that is unknown (no row yet, a sweep), a job is expected to take
 LBGAT_ESTIMATE_DEFAULT_DURATION_S from its start. Waiting jobs then start in queue order (the
 scheduler does not backfill) as soon as a Ray job slot and their GPUs and CPUs are free: the
@@ -14,9 +17,11 @@ from __future__ import annotations
 
 import heapq
 import math
+import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from itertools import pairwise
 from typing import Any
 
 EPS = 1e-9
@@ -91,20 +96,36 @@ def total_epochs(spec: dict[str, Any] | None) -> int | None:
     return int(epochs) if isinstance(epochs, int) and epochs > 0 else None
 
 
+def epoch_seconds(rows: Sequence[dict[str, Any]]) -> float | None:
+    """Seconds per epoch from metrics rows (oldest first): the median wall time between consecutive
+    epochs' `extra.finished_at`, else the mean of their training `seconds`; None if neither."""
+    walls = []
+    for before, after in pairwise(rows):
+        e0, e1 = _num(before.get("epoch")), _num(after.get("epoch"))
+        t0 = _num((before.get("extra") or {}).get("finished_at"))
+        t1 = _num((after.get("extra") or {}).get("finished_at"))
+        if None not in (e0, e1, t0, t1) and e1 == e0 + 1 and t1 > t0:
+            walls.append(t1 - t0)
+    if walls:
+        return statistics.median(walls)
+    seconds = [s for s in (_num(r.get("seconds")) for r in rows) if s is not None and s >= 0]
+    return sum(seconds) / len(seconds) if seconds else None
+
+
 def training_left_s(spec: dict[str, Any] | None, rows: Sequence[dict[str, Any]]) -> float | None:
     """Seconds of training left after the last of `rows` (metrics.jsonl rows, oldest first):
-    epochs left times the mean seconds per epoch of the latest rows; None if unknown."""
+    epochs left times the seconds per epoch of the latest rows (`epoch_seconds`); None if unknown."""
     epochs = total_epochs(spec)
     if epochs is None:
         return None
     done = [r for r in rows if _num(r.get("epoch")) is not None]
     if not done:
         return None
-    seconds = [s for s in (_num(r.get("seconds")) for r in done[-RATE_ROWS:]) if s is not None and s >= 0]
-    if not seconds:
+    per_epoch = epoch_seconds(done[-RATE_ROWS:])
+    if per_epoch is None:
         return None
     left = max(0, epochs - int(_num(done[-1]["epoch"]) or 0))
-    return left * sum(seconds) / len(seconds)
+    return left * per_epoch
 
 
 def evaluation_left_s(rows: Sequence[dict[str, Any]], started_at: datetime | None) -> float | None:

@@ -7,7 +7,15 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from service.estimates import Ahead, Busy, estimate_starts, evaluation_left_s, expected_end, training_left_s
+from service.estimates import (
+    Ahead,
+    Busy,
+    epoch_seconds,
+    estimate_starts,
+    evaluation_left_s,
+    expected_end,
+    training_left_s,
+)
 from service.preemption import PreemptionPolicy, choose_victims, work_lost_s
 from service.ray_jobs import Capacity
 from service.scheduler import Candidate, Holder, UserLimits, plan
@@ -239,6 +247,24 @@ def test_expected_end_from_epochs_and_shards():
     t0 = start.timestamp()
     progress = [{"shards_done": k, "n_shards": 10, "time": t0 + 10 * k} for k in range(1, 5)]
     assert evaluation_left_s(progress, start) == pytest.approx(60)
+
+
+def test_an_epoch_lasts_the_wall_time_between_rows_where_rows_tell_it():
+    """Training `seconds` leave out validation and reporting; consecutive rows' finish times do not.
+    Their median skips a restart's gap, and rows that do not follow each other fall back to
+    `seconds`."""
+    spec = {"optimization": {"epochs": 10}}
+    t = 1_000_000.0
+    finished = [t, t + 40, t + 80, t + 500, t + 540]  # epoch 4 came after a 380 s restart
+    rows = [
+        {"epoch": e, "seconds": 30.0, "extra": {"finished_at": at}} for e, at in enumerate(finished, start=1)
+    ]
+    assert epoch_seconds(rows) == 40.0
+    assert training_left_s(spec, rows) == 5 * 40.0
+    assert epoch_seconds(rows[:1]) == 30.0  # one row: its training seconds
+    gap = [rows[0], rows[2]]  # epochs 1 and 3: no consecutive pair
+    assert epoch_seconds(gap) == 30.0
+    assert epoch_seconds([{"epoch": 1}]) is None and training_left_s(spec, [{"epoch": 1}]) is None
 
 
 def test_last_checkpoint_from_metrics_rows_and_evaluation_progress():
