@@ -21,4 +21,6 @@ fi
 . .venv/bin/activate
 ruff check .
 ruff format --check .
-python -m pytest -q "$@"
+# Two processes (pytest-xdist): most tests wait on servers, Ray jobs and subprocesses, so two share
+# the machine's cores well; each process starts its own session servers (Ray head, SeaweedFS).
+python -m pytest -q -n 2 --dist loadgroup "$@"

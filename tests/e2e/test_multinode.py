@@ -22,6 +22,8 @@ from tests.e2e.test_service import get, sleep_spec, submit
 from tests.waiting import wait_for
 
 GPU = "fake_gpu"
+# one process of a parallel run (pytest-xdist --dist loadgroup) runs them all: one cluster, not two
+pytestmark = pytest.mark.xdist_group("multinode")
 
 # A Ray job that holds one of the cluster's GPUs, as a training worker would: an actor asking for 1 CPU
 # and 1 of LBGAT_GPU_RESOURCE (the name the service hands to its jobs); the driver prints the actor's
