@@ -393,6 +393,10 @@ def describe_failure(submission_id: str, message: str | None, logs: str, exit_co
 _SUBMISSION_SEQ = re.compile(r"-a(\d+)$")
 
 
+#: RAY_TRAIN_HEALTH_CHECK_INTERVAL_S of every job (see Scheduler._job_env)
+HEALTH_CHECK_INTERVAL_S = "0.5"
+
+
 def ray_submission_id(exp: Experiment) -> str:
     """The Ray submission id of the job's next run: `<id>-a<N>`, N counting every run of the job.
 
@@ -941,6 +945,9 @@ class Scheduler:
         # how long Ray waits after SIGTERM before it kills the job: the preemption grace period, in
         # which the worker saves its just-in-time checkpoint
         env["RAY_JOB_STOP_WAIT_TIME_S"] = str(max(1, round(self.settings.preemption_grace_s)))
+        # how often Ray Train's controller polls its workers (Ray's default: 2 s); a preempted run's
+        # workers return right after the checkpoint, and the GPU is free once the controller sees it
+        env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = HEALTH_CHECK_INTERVAL_S
         return env
 
     def submit(self, exp_id: str) -> None:
