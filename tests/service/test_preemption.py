@@ -96,6 +96,7 @@ def test_a_high_priority_job_preempts_and_the_victim_resumes(queue, database_url
     scheduler.run_round()
     assert rows(sessions)[low].state == "running"
     assert ray.env[f"{low}-a1"]["RAY_JOB_STOP_WAIT_TIME_S"] == "7"
+    assert ray.env[f"{low}-a1"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"  # the GPU freed sooner
     # an epoch with a checkpoint: last_checkpoint_at comes from the metrics row
     ckpt = time.time() - 5
     store.put_bytes(
