@@ -1031,6 +1031,7 @@ class Scheduler:
             state, submission_id, cancel = JobState(exp.state), exp.ray_job_id, exp.cancel_requested
             dispatched_at = exp.dispatched_at
             preempting = None if cancel else exp.preempt_requested_at
+            is_sweep = exp.is_sweep
         if self.ray is None or submission_id is None:
             return
         ray_state = self.ray.state(submission_id)
@@ -1040,7 +1041,15 @@ class Scheduler:
             return  # the next round sees STOPPED
         if preempting is not None and ray_state is not None and ray_state.status in RAY_ACTIVE:
             self._stop_overdue_victim(exp_id, submission_id, preempting, now)
-        if preempting is not None and (ray_state is None or ray_state.status in ("STOPPED", "FAILED")):
+        stopped_for_us = False
+        if preempting is not None and ray_state is not None and ray_state.status == "SUCCEEDED":
+            checkpointed = self._checkpointed_since(exp_id, preempting, is_sweep)
+            if checkpointed is None:
+                return  # the store did not answer: the next round looks again
+            stopped_for_us = checkpointed
+        if preempting is not None and (
+            ray_state is None or ray_state.status in ("STOPPED", "FAILED") or stopped_for_us
+        ):
             if self.store_monitor.available and (
                 ray_state is None or self._ingest_metrics(exp_id, force=True)
             ):
@@ -1164,6 +1173,21 @@ class Scheduler:
 
         run_tx(self.sessions, go)
         self._restopped.pop(exp_id, None)
+
+    def _checkpointed_since(self, exp_id: str, asked_at: datetime, is_sweep: bool) -> bool | None:
+        """A victim whose Ray job SUCCEEDED: did it stop for the preemption (a preempted.json saved
+        after the stop was asked for) rather than finish? Ray reports a stopped job SUCCEEDED when its
+        entrypoint exits 0 on SIGTERM before the job supervisor has recorded the stop. None: the
+        store did not answer."""
+        try:
+            saved = self._checkpoint_saved_at(exp_id, is_sweep=is_sweep)
+        except StoreUnavailable as exc:
+            self.store_monitor.record_failure(exc)
+            return None
+        except StoreError as exc:  # not a passing outage: taken as no marker, so it ends as Ray says
+            log.warning("%s: reading its preempted.json: %s", exp_id, exc)
+            return False
+        return saved is not None and saved >= asked_at.timestamp() - 1
 
     def _checkpoint_saved_at(self, exp_id: str, *, is_sweep: bool) -> float | None:
         """The newest `saved_at` of the run's preempted.json files (every trial's, for a sweep)."""

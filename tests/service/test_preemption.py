@@ -229,6 +229,38 @@ def test_a_victim_that_ignores_the_stop_is_stopped_again_after_the_grace(queue, 
     assert exp[high].state == "running" and exp[other].state == "queued"
 
 
+def test_a_victim_that_ray_calls_succeeded_goes_back_to_the_queue_if_it_checkpointed(queue, database_url):
+    """Ray reports a stopped job SUCCEEDED when its entrypoint exits 0 on SIGTERM before the job
+    supervisor records the stop: with a preempted.json saved after the request the victim was
+    preempted (back to the queue, not charged); without one it really finished."""
+    sessions, _owner, store, _ = queue
+    scheduler, ray, low, high = start_preemption(queue, settings_for(database_url))
+    scheduler.run_round()
+    assert rows(sessions)[low].preempt_requested_at is not None
+    store.put_json(f"experiments/{low}/main/preempted.json", {"saved_at": time.time(), "epoch": 0, "step": 3})
+    ray.status[f"{low}-a1"] = "SUCCEEDED"
+    scheduler.run_round()
+    exp = rows(sessions)
+    assert exp[low].state == "queued" and exp[low].attempts == 0 and exp[low].preemptions == 1
+    assert reasons(sessions, low)[-1][2] == f"preempted by {high}; resumes from its just-in-time checkpoint"
+
+    # its next run is asked to stop too (a third job, higher still), but finishes first: the only
+    # marker is the first run's (a minute old by then), so it succeeded
+    store.put_json(
+        f"experiments/{low}/main/preempted.json", {"saved_at": time.time() - 60, "epoch": 0, "step": 3}
+    )
+    ray.status[f"{high}-a1"] = "SUCCEEDED"
+    scheduler.run_round()
+    scheduler.run_round()
+    assert rows(sessions)[low].state == "running"
+    top = enqueue(sessions, _owner, settings_for(database_url), "top", priority=9)
+    scheduler.run_round()
+    assert rows(sessions)[low].preempted_by == top
+    ray.status[f"{low}-a2"] = "SUCCEEDED"
+    scheduler.run_round()
+    assert rows(sessions)[low].state == "succeeded"
+
+
 def test_a_preemptor_whose_submission_failed_is_dispatched_again_on_its_victim(queue, database_url):
     """Ray refuses the preemptor's submission in the decision's round: it goes back to the queue,
     the decision stands (the victim stops, once), and the next round submits it again on the
