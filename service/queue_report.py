@@ -42,7 +42,9 @@ _planned: weakref.WeakKeyDictionary[Any, _Planned] = weakref.WeakKeyDictionary()
 _planned_lock = threading.Lock()
 
 
-def current_view(scheduler: SchedulerLike, ids: Iterable[str] = ()) -> dict[str, tuple[Any, ...]]:
+def current_view(
+    scheduler: SchedulerLike, ids: Iterable[str] | Callable[[], Iterable[str]] = ()
+) -> dict[str, tuple[Any, ...]]:
     """Waiting jobs' (position, reason, estimated start) for a listing: the scheduler's latest view.
 
     A plan covers the whole queue (fair share orders every job), so with 100,000 queued jobs it takes
@@ -52,6 +54,7 @@ def current_view(scheduler: SchedulerLike, ids: Iterable[str] = ()) -> dict[str,
     (the dispatcher's rounds renew it meanwhile where they run), so listings spend at most about a
     fifth of the time planning; jobs submitted since have no position until the next plan. Below that
     this is `queue_view(ids)` itself. One listing re-plans at a time; the others wait for its view.
+    `ids` may be a function that reads them: it is called only where they are used (plans cheap).
     """
     return _read(scheduler, ids, ends=False)[0]
 

@@ -312,9 +312,11 @@ def _queue_context(
     settings: ServiceSettings,
 ) -> dict[str, Any]:
     with sessions() as session:
-        waiting = session.scalars(
-            select(Experiment.id).where(Experiment.state.in_(jobs.WAITING_STATES)).limit(views.MAX_QUEUE_ROWS)
-        ).all()
+
+        def waiting() -> list[str]:  # read only while plans are cheap (queue_report.current_view)
+            query = select(Experiment.id).where(Experiment.state.in_(jobs.WAITING_STATES))
+            return list(session.scalars(query.limit(views.MAX_QUEUE_ROWS)))
+
         view = queue_report.current_view(scheduler, waiting) if scheduler is not None else None
         rows = views.queue_rows(session, web.user, view)
         recent = [
